@@ -1,0 +1,239 @@
+"""Publish a trained output folder to the Hugging Face Hub (or a Hub-compatible server), or to a git remote.
+
+Only what a user of the model needs is published: safetensors weights, configs, tokenizer/processor
+files, adapter files, the model card, eval reports and plots. Training state (checkpoints, optimizer,
+RNG states, tensorboard events) stays local unless asked for; pickle weights are never published.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pipelines.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+HUB_ENDPOINTS = ("https://huggingface.co", "https://hub-ci.huggingface.co")  # the ones that speak Xet
+LFS_SIZE = 10 * 1024 * 1024  # the Hub sends files of 10 MB and more to LFS
+
+# fnmatch patterns (as upload_folder applies them: "*" also matches "/").
+MODEL_FILES = [
+    "*.safetensors", "*.safetensors.index.json",
+    "*config.json",  # config, generation_config, tokenizer/preprocessor/processor/adapter/run configs
+    "*tokenizer.json", "*special_tokens_map.json", "*added_tokens.json", "*vocab.txt", "*vocab.json",
+    "*merges.txt", "*.model", "*.tiktoken", "*chat_template.jinja", "*chat_template.json",
+    "README.md", "*eval_report.json", "*eval_report.md", "*.png",
+]
+TRAINING_STATE = [
+    "checkpoints/*", "*/checkpoints/*", "checkpoint-*", "*/checkpoint-*", "runs/*", "*tfevents*",
+    "*optimizer*", "*scheduler.bin", "*scheduler.pt", "*random_states*", "*rng_state*", "*training_args.bin",
+]
+# Partial writes (.tmp*) and caches are never useful to anyone downloading the model.
+ALWAYS_IGNORED = [".tmp*", "*/.tmp*", ".git/*", "*/.git/*", ".cache/*", "*/.cache/*"]
+PICKLE_WEIGHTS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle"]
+# Git route: the Hub's default .gitattributes LFS patterns, plus images (the Hub refuses binaries in git).
+GIT_LFS_PATTERNS = [
+    "*.7z", "*.arrow", "*.bin", "*.bz2", "*.ckpt", "*.ftz", "*.gz", "*.h5", "*.joblib", "*.lfs.*", "*.mlmodel",
+    "*.model", "*.msgpack", "*.npy", "*.npz", "*.onnx", "*.ot", "*.parquet", "*.pb", "*.pickle", "*.pkl",
+    "*.pt", "*.pth", "*.rar", "*.safetensors", "saved_model/**/*", "*.tar.*", "*.tar", "*.tflite", "*.tgz",
+    "*.wasm", "*.xz", "*.zip", "*.zst", "*tfevents*", "*.png", "*.jpg", "*.jpeg", "*.gif", "*.webp",
+]
+
+
+def _patterns(include_checkpoints: bool) -> tuple[list[str], list[str]]:
+    if include_checkpoints:
+        return MODEL_FILES + TRAINING_STATE, ALWAYS_IGNORED
+    return MODEL_FILES, TRAINING_STATE + ALWAYS_IGNORED
+
+
+def select_files(folder: str | os.PathLike, include_checkpoints: bool = False) -> list[str]:
+    """The relative paths that would be published, exactly as upload_folder selects them."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"output folder not found: {root}")
+    every = sorted(p.relative_to(root).as_posix() for p in root.glob("**/*") if p.is_file())
+    allow, ignore = _patterns(include_checkpoints)
+    chosen = list(filter_repo_objects(every, allow_patterns=allow, ignore_patterns=ignore))
+    pickles = list(filter_repo_objects(every, allow_patterns=PICKLE_WEIGHTS, ignore_patterns=TRAINING_STATE + ALWAYS_IGNORED))
+    if pickles and not any(p.endswith(".safetensors") for p in chosen):
+        # Publishing would give a repo without usable weights, or pickles that run code when loaded.
+        raise UserError(f"refusing to publish pickle weights ({', '.join(pickles)}) from {root}: "
+                        "save the model with safetensors (save_pretrained does by default) and publish again")
+    if pickles:
+        logger.warning("not publishing pickle files %s (the safetensors weights are published)", pickles)
+    if not chosen:
+        raise UserError(f"nothing to publish in {root}: no model, tokenizer, card or report files found")
+    return chosen
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())[:300]
+
+
+def _is_transport_error(err: BaseException) -> bool:
+    # httpx/httpx2 transport errors (connection refused, DNS, timeouts) are not OSErrors.
+    return any(c.__name__ == "TransportError" for c in type(err).__mro__)
+
+
+def _failure(what: str, endpoint: str, err: Exception) -> UserError:
+    """A one-line message naming the step, the endpoint and the cause (never the token)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    # huggingface_hub wraps some failures (e.g. an LFS PUT) in a RuntimeError: use the root cause.
+    cause = err
+    while cause.__cause__ is not None and not isinstance(cause, HfHubHTTPError):
+        cause = cause.__cause__
+    if isinstance(cause, (HfHubHTTPError, ConnectionError, TimeoutError)) or _is_transport_error(cause):
+        err = cause
+    if isinstance(err, HfHubHTTPError) and err.response is not None:
+        detail = err.server_message or err.response.reason_phrase
+        hint = " (check HF_TOKEN or `hf auth login`)" if err.response.status_code in (401, 403) else ""
+        return UserError(f"{what} failed: HTTP {err.response.status_code} from {endpoint}: {_one_line(detail)}{hint}")
+    if isinstance(err, (ConnectionError, TimeoutError)) or _is_transport_error(err):
+        return UserError(f"{what} failed: could not reach {endpoint} ({type(err).__name__}: {_one_line(err)})")
+    return UserError(f"{what} failed at {endpoint}: {type(err).__name__}: {_one_line(err)}")
+
+
+@contextlib.contextmanager
+def _hub_settings(endpoint: str):
+    """Switch off, for this call only, two settings huggingface_hub reads from the environment at import.
+
+    - Xet: the client uploads through Xet whenever hf_xet is importable and never falls back, so any
+      endpoint but the real Hub needs it off. `is_xet_available()` reads constants.HF_HUB_DISABLE_XET
+      at call time, so setting the constant works even if huggingface_hub was imported long ago
+      (setting os.environ would not).
+    - Offline mode: HF_HUB_OFFLINE=1 makes every request raise. It exists to stop *implicit* downloads;
+      publishing is an explicit request to use the network, so we honour the request and lift it here.
+    """
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_DISABLE_XET, constants.HF_HUB_OFFLINE
+    if constants.HF_HUB_OFFLINE:
+        logger.info("HF_HUB_OFFLINE is set; publishing anyway since publishing was asked for")
+        # Headers of the first request name the calling agent from a registry fetched from
+        # huggingface.co: resolve it now, while still offline, so that only `endpoint` is contacted.
+        with contextlib.suppress(Exception):
+            from huggingface_hub.utils import detect_agent
+
+            detect_agent()
+    constants.HF_HUB_OFFLINE = False
+    if endpoint not in HUB_ENDPOINTS:
+        constants.HF_HUB_DISABLE_XET = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_DISABLE_XET, constants.HF_HUB_OFFLINE = saved
+
+
+def publish_to_hub(folder, repo_id: str, *, endpoint: str | None = None, token: str | None = None,
+                   private: bool = False, revision: str | None = None, commit_message: str | None = None,
+                   include_checkpoints: bool = False) -> str:
+    """Upload the publishable files of `folder` to `repo_id` in one commit; return the commit URL.
+
+    The return value is huggingface_hub's CommitInfo, a str (the URL) whose `.oid` is the commit sha.
+    Publishing an unchanged folder makes no commit and returns the current head.
+    """
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)  # before any request: a typo must not create a stray repo
+    except HFValidationError as e:
+        raise UserError(f"invalid repo id {repo_id!r}: {_one_line(e)}") from None
+    files = select_files(folder, include_checkpoints)
+    # HF_ENDPOINT is read at call time too, in case it was set after huggingface_hub was imported.
+    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    if urlsplit(endpoint).scheme not in ("http", "https") or not urlsplit(endpoint).netloc:
+        raise UserError(f"invalid hub endpoint {endpoint!r}: expected http(s)://host[:port]")
+    allow, ignore = _patterns(include_checkpoints)
+    api = HfApi(endpoint=endpoint, token=token)  # token=None: huggingface_hub uses HF_TOKEN or the saved login
+    with _hub_settings(endpoint):
+        try:
+            repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        except Exception as e:
+            raise _failure(f"creating repository {repo_id}", endpoint, e) from None
+        try:
+            if revision and revision != "main":
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            logger.info("publishing %d files from %s to %s/%s", len(files), folder, endpoint, repo_id)
+            # One commit (Xet off, or small folders with Xet): the remote shows all of it or none of it.
+            # Unchanged files are dropped by the client, so re-publishing makes no (empty) commit.
+            info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision,
+                                     commit_message=commit_message or "Publish model", allow_patterns=allow,
+                                     ignore_patterns=list(ignore))
+        except Exception as e:
+            raise _failure(f"uploading {folder} to {repo_id}", endpoint, e) from None
+    logger.info("published: %s", info)
+    return info
+
+
+def _git(*args: str, cwd: str | None = None, env: dict | None = None) -> str:
+    try:
+        done = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"git {args[0]} did not finish in 10 minutes") from None
+    if done.returncode != 0:
+        raise UserError(f"git {args[0]} failed: {_one_line(done.stderr.strip() or '(no output)')}")
+    return done.stdout.strip()
+
+
+def _write_gitattributes(work: Path, files: list[str]) -> None:
+    """Keep the remote's .gitattributes lines and add the Hub's LFS patterns plus one line per large file."""
+    path = work / ".gitattributes"
+    lines = path.read_text().splitlines() if path.exists() else []
+    wanted = [f"{p} filter=lfs diff=lfs merge=lfs -text" for p in GIT_LFS_PATTERNS]
+    wanted += [f"{rel.replace(' ', '[[:space:]]')} filter=lfs diff=lfs merge=lfs -text"
+               for rel in files if (work / rel).stat().st_size >= LFS_SIZE
+               and not any(fnmatch.fnmatch(Path(rel).name, p) for p in GIT_LFS_PATTERNS)]
+    lines += [line for line in wanted if line not in lines]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def publish_to_git(folder, url: str, *, branch: str = "main", commit_message: str | None = None,
+                   include_checkpoints: bool = False) -> str:
+    """Commit the publishable files of `folder` to `branch` of a git remote (large files via LFS); return the sha."""
+    files = select_files(folder, include_checkpoints)
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        # They would land in the work dir's .git/config and in error messages: use a credential helper.
+        raise UserError("the git URL contains credentials: remove them and use a git credential helper "
+                        "(git config credential.helper) or an SSH key instead")
+    # Never prompt for a password (it would hang a batch job); skip LFS downloads of files we overwrite anyway.
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_LFS_SKIP_SMUDGE": "1"}
+    if shutil.which("git") is None:
+        raise UserError("git is not installed: install git and git-lfs to publish to a git remote")
+    if subprocess.run(["git", "lfs", "version"], capture_output=True, env=env).returncode:
+        raise UserError("git-lfs is not installed: install it (e.g. apt-get install git-lfs) to publish to git")
+    with tempfile.TemporaryDirectory(prefix="publish-git-") as work:
+        if _git("ls-remote", "--heads", url, branch, env=env):
+            _git("clone", "--quiet", "--branch", branch, "--single-branch", url, work, env=env)
+        else:
+            _git("init", "--quiet", "-b", branch, work, env=env)
+            _git("remote", "add", "origin", url, cwd=work, env=env)
+        _git("lfs", "install", "--local", cwd=work, env=env)
+        for rel in files:
+            (Path(work) / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(folder) / rel, Path(work) / rel)
+        _write_gitattributes(Path(work), files)
+        if subprocess.run(["git", "config", "user.email"], cwd=work, env=env, capture_output=True).returncode:
+            # No identity configured (CI, containers): commit as the tool rather than fail.
+            _git("config", "user.name", "finetune-pipelines", cwd=work, env=env)
+            _git("config", "user.email", "finetune-pipelines@localhost", cwd=work, env=env)
+        _git("add", "--", ".gitattributes", *files, cwd=work, env=env)
+        if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=work, env=env).returncode == 0:
+            logger.info("nothing changed: %s %s is already up to date", url, branch)
+            return _git("rev-parse", "HEAD", cwd=work, env=env)
+        _git("commit", "--quiet", "-m", commit_message or "Publish model", cwd=work, env=env)
+        _git("push", "--quiet", "origin", f"HEAD:refs/heads/{branch}", cwd=work, env=env)
+        return _git("rev-parse", "HEAD", cwd=work, env=env)

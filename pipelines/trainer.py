@@ -1,0 +1,378 @@
+"""The one training loop every recipe uses, on Accelerate.
+
+Read top to bottom: set up (output folder, Accelerator, data, model, strategy, optimizer), then the
+loop (accumulate, clip, step, log, evaluate, checkpoint, stop early), then the end (best weights,
+final evaluation, atomic save). Accelerate handles devices, DDP/FSDP/DeepSpeed, mixed precision and
+checkpoint state; the recipe supplies the task-specific parts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from pipelines import checkpoints
+from pipelines.batching import EpochShuffleSampler, padding_share
+from pipelines.config import RunConfig, config_hash, snapshot
+from pipelines.errors import UserError
+from pipelines.tuning import plan_tuning
+
+FINISHED_MARKER = "run_summary.json"  # written last: its presence means the folder holds a finished model
+LOWER_IS_BETTER = re.compile(r"(loss|wer|cer|error)$")
+
+
+def write_json(path: Path, data) -> None:
+    """Write through a temporary file and rename, so a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def check_output_dir(cfg: RunConfig) -> Path:
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output-dir {out} is a file; give a folder path")
+    has_checkpoints = checkpoints.latest(out) is not None
+    if (out / FINISHED_MARKER).exists() and not (cfg.overwrite_output_dir or cfg.resume):
+        raise UserError(f"{out} already holds a finished model; pass --overwrite-output-dir to replace it, or choose another --output-dir")
+    if has_checkpoints and not (cfg.resume or cfg.overwrite_output_dir):
+        raise UserError(f"{out} holds checkpoints of an earlier run; pass --resume to continue it or --overwrite-output-dir to start over")
+    return out
+
+
+def make_accelerator(cfg: RunConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    use_cpu = not torch.cuda.is_available()
+    if use_cpu and cfg.mixed_precision == "fp16":
+        raise UserError("--mixed-precision fp16 needs a CUDA GPU; on the CPU use bf16 (or no)")
+    log_with = []
+    try:
+        import tensorboard  # noqa: F401  (Accelerate's TensorBoard tracker needs it)
+
+        log_with = ["tensorboard"]
+    except ImportError:
+        pass
+    return Accelerator(
+        cpu=use_cpu,  # without cpu=True, `accelerate launch --multi_gpu` on a CPU gives unsynced processes
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=log_with or None,
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, "tensorboard")),
+    )
+
+
+def is_better(value: float, best: float | None, greater: bool) -> bool:
+    return best is None or (value > best if greater else value < best)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, recipe):
+        self.cfg = cfg
+        self.recipe = recipe
+        self.out = check_output_dir(cfg)
+        self.accelerator = make_accelerator(cfg)
+        self.log_path = self.out / "metrics.jsonl"
+        self.metric_for_best = cfg.metric_for_best or recipe.main_metric
+        self.greater_is_better = recipe.greater_is_better if self.metric_for_best == recipe.main_metric else not LOWER_IS_BETTER.search(self.metric_for_best)
+        # Progress that a checkpoint must carry for an exact resume.
+        self.state = {"global_step": 0, "epoch": 0, "batches_seen_in_epoch": 0, "best_metric": None,
+                      "best_checkpoint": None, "evals_without_improvement": 0, "mask_stage": 1, "last_eval_step": None}
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        from accelerate.utils import set_seed
+
+        from pipelines.data import load_raw_splits
+
+        cfg, acc = self.cfg, self.accelerator
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if cfg.overwrite_output_dir and not cfg.resume:
+                shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
+                self.log_path.unlink(missing_ok=True)
+            write_json(self.out / "run_config.json", snapshot(cfg))
+        set_seed(cfg.seed)
+        # Rank 0 downloads and preprocesses first; the others then read its cache.
+        with acc.main_process_first():
+            splits = load_raw_splits(cfg, getattr(self.recipe, "folder_builder", None))
+            model, self.processor = self.recipe.load(cfg, splits)
+            self.encoded = self.recipe.preprocess(splits, self.processor, cfg)
+        self.raw_splits = splits
+        self.num_train_examples = len(self.encoded["train"])
+
+        self.plan = plan_tuning(model, cfg, self.recipe.peft_task_type)
+        acc.print(f"{cfg.recipe}: {self.plan.describe()} (strategy: {cfg.tuning})")
+        if self.plan.mask is not None and acc.distributed_type.name in ("DEEPSPEED", "FSDP"):
+            raise UserError(f"--tuning gradual works on one device and with DDP, not with {acc.distributed_type.name}; "
+                            "use --tuning last-n or full there")
+
+        collate = self.recipe.collator(self.processor, cfg)
+        train = self.encoded["train"]
+        lengths = train["length"] if cfg.group_by_length and "length" in train.column_names else None
+        sampler = EpochShuffleSampler(len(train), cfg.seed, cfg.batch_size, lengths)
+        loader_args = dict(collate_fn=collate, num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available())
+        train_loader = torch.utils.data.DataLoader(_model_inputs(train), batch_size=cfg.batch_size, sampler=sampler, **loader_args)
+        eval_batch = cfg.eval_batch_size or cfg.batch_size
+        eval_loaders = {
+            split: torch.utils.data.DataLoader(_model_inputs(ds), batch_size=eval_batch, shuffle=False, **loader_args)
+            for split, ds in self.encoded.items() if split != "train"
+        }
+
+        optimizer = torch.optim.AdamW(self.plan.param_groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        updates_per_epoch = math.ceil(math.ceil(len(train) / (cfg.batch_size * acc.num_processes)) / cfg.gradient_accumulation_steps)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * updates_per_epoch))
+        self.num_epochs = math.ceil(self.total_steps / updates_per_epoch)
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * self.total_steps)
+        from transformers import get_scheduler
+
+        # A prepared scheduler steps once per process each call, so its horizon counts every process.
+        scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup * acc.num_processes,
+                                  num_training_steps=self.total_steps * acc.num_processes)
+        self.model, self.optimizer, self.train_loader, self.scheduler = acc.prepare(self.plan.model, optimizer, train_loader, scheduler)
+        self.eval_loaders = {split: acc.prepare(loader) for split, loader in eval_loaders.items()}
+        if acc.is_main_process and acc.log_with:
+            scalars = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
+            acc.init_trackers("tensorboard", config=scalars)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, split: str = "validation") -> tuple[dict, dict]:
+        """Metrics on a split, gathered across processes without duplicates, plus per-example outputs."""
+        acc, model = self.accelerator, self.model
+        model.eval()
+        gathered: dict = {}
+        losses = []
+        for batch in self.eval_loaders[split]:
+            outputs = model(**batch)
+            results = self.recipe.eval_step(acc.unwrap_model(model), batch, outputs, self.cfg)
+            size = next(iter(results.values())).shape[0]
+            if getattr(outputs, "loss", None) is not None:
+                results["loss"] = outputs.loss.detach().float().repeat(size)
+            for key, value in results.items():
+                value = acc.pad_across_processes(value, dim=1, pad_index=-100) if value.ndim > 1 else value
+                value = acc.gather_for_metrics(value)
+                gathered.setdefault(key, []).extend(value.cpu().numpy())
+        model.train()
+        metrics = self.recipe.compute_metrics(gathered, self.cfg)
+        if "loss" in gathered:
+            metrics["loss"] = float(sum(gathered["loss"]) / len(gathered["loss"]))
+        metrics["samples"] = len(gathered["references"])
+        return metrics, gathered
+
+    # ------------------------------------------------------------------ logging
+    def log(self, record: dict) -> None:
+        acc = self.accelerator
+        if acc.is_main_process:
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            if acc.log_with:
+                scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+                acc.log(scalars, step=record["step"])
+
+    # ------------------------------------------------------------------ checkpoints
+    def resume(self) -> None:
+        latest = checkpoints.latest(self.out)
+        if latest is None:
+            self.accelerator.print(f"--resume: no complete checkpoint in {self.out / 'checkpoints'}; starting from scratch")
+            return
+        self.state = checkpoints.load(self.accelerator, latest)
+        if self.plan.mask is not None:
+            self.plan.mask.load_state_dict({"stage": self.state["mask_stage"]})
+        self.accelerator.print(f"resumed from {latest} (step {self.state['global_step']}, epoch {self.state['epoch']})")
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict:
+        from accelerate import skip_first_batches
+        from tqdm.auto import tqdm
+
+        cfg, acc, state = self.cfg, self.accelerator, self.state
+        if cfg.resume:
+            self.resume()
+            state = self.state
+        progress = tqdm(total=self.total_steps, initial=state["global_step"], desc=f"{cfg.recipe} ({cfg.tuning})",
+                        disable=not acc.is_local_main_process, dynamic_ncols=True)
+        self.model.train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm else float("inf")  # inf: measure, never clip
+        pad_id = self.recipe.pad_id(self.processor)
+        running_loss, running_batches, pads, tokens = torch.zeros((), device=acc.device), 0, 0, 0
+        started = time.perf_counter()
+        stop = False
+        while not stop and state["global_step"] < self.total_steps and state["epoch"] < self.num_epochs:
+            epoch = state["epoch"]
+            self.train_loader.set_epoch(epoch)
+            if self.plan.mask is not None and self.plan.mask.update(epoch, state["global_step"]):
+                acc.print(f"gradual unfreezing: stage {self.plan.mask.stage} from epoch {epoch}")
+            loader = self.train_loader
+            if state["batches_seen_in_epoch"]:
+                loader = skip_first_batches(loader, state["batches_seen_in_epoch"])
+            for batch in loader:
+                p, t = padding_share(batch, pad_id)
+                pads, tokens = pads + p, tokens + t
+                with acc.accumulate(self.model):
+                    loss = self.model(**batch).loss
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        if self.plan.mask is not None:
+                            self.plan.mask.apply()
+                        grad_norm = acc.clip_grad_norm_(params, max_norm)
+                        if not torch.isfinite(torch.as_tensor(grad_norm)):
+                            raise UserError(self._non_finite_message(state["global_step"] + 1, epoch, loss))
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                state["batches_seen_in_epoch"] += 1
+                running_loss += loss.detach().float()  # a tensor: no device sync on every step
+                running_batches += 1
+                if not acc.sync_gradients:
+                    continue
+
+                state["global_step"] += 1
+                step = state["global_step"]
+                progress.update(1)
+                if self.plan.mask is not None and cfg.unfreeze_unit == "step" and self.plan.mask.update(epoch, step):
+                    acc.print(f"gradual unfreezing: stage {self.plan.mask.stage} at step {step}")
+                if step % cfg.logging_steps == 0 or step == self.total_steps:
+                    mean_loss = acc.reduce(running_loss / running_batches, "mean").item()
+                    record = {"step": step, "epoch": epoch, "train_loss": mean_loss,
+                              "learning_rate": self.scheduler.get_last_lr()[-1],
+                              "padding_share": pads / tokens if tokens else None,
+                              "examples_per_second": running_batches * cfg.batch_size * acc.num_processes / (time.perf_counter() - started)}
+                    self.log(record)
+                    progress.set_postfix(loss=f"{mean_loss:.4f}")
+                    running_loss, running_batches, started = torch.zeros((), device=acc.device), 0, time.perf_counter()
+                if cfg.eval_steps and step % cfg.eval_steps == 0:
+                    stop = self.evaluate_and_checkpoint(epoch)
+                if stop or step >= self.total_steps:
+                    break
+            else:  # the epoch ran to its end: checkpoints from here resume at the next epoch's start
+                state["epoch"], state["batches_seen_in_epoch"] = epoch + 1, 0
+                if not cfg.eval_steps:
+                    stop = self.evaluate_and_checkpoint(epoch)
+                continue
+            break
+        if state.get("last_eval_step") != state["global_step"]:
+            # max_steps or the end fell between evaluations: the final weights compete for "best" too.
+            if state["batches_seen_in_epoch"] >= len(self.train_loader):
+                state["epoch"], state["batches_seen_in_epoch"] = state["epoch"] + 1, 0
+            self.evaluate_and_checkpoint(state["epoch"])
+        progress.close()
+        return self.finish()
+
+    def _non_finite_message(self, step, epoch, loss) -> str:
+        best = self.state["best_checkpoint"] or checkpoints.latest(self.out)
+        kept = f"the last good checkpoint ({best}) is intact" if best else "no checkpoint was written"
+        return (f"loss became {float(loss.detach()):.4g} (gradient norm not finite) at optimizer step {step}, epoch {epoch}; "
+                f"training stopped and {kept}. Lower --learning-rate, keep --max-grad-norm on, or check the data.")
+
+    def evaluate_and_checkpoint(self, epoch: int) -> bool:
+        """Evaluate, log, checkpoint, and return True when early stopping says stop."""
+        cfg, state = self.cfg, self.state
+        metrics, gathered = self.evaluate("validation")
+        self.last_validation = (state["global_step"], metrics, gathered)
+        if self.metric_for_best not in metrics:
+            raise UserError(f"--metric-for-best {self.metric_for_best} is not a metric of this recipe; "
+                            f"choose one of: {', '.join(k for k in metrics if k != 'samples')}")
+        value = metrics[self.metric_for_best]
+        state["last_eval_step"] = state["global_step"]
+        improved = is_better(value, state["best_metric"], self.greater_is_better)
+        if improved:
+            state["best_metric"], state["evals_without_improvement"] = value, 0
+        else:
+            state["evals_without_improvement"] += 1
+        self.log({"step": state["global_step"], "epoch": epoch, **{f"eval_{k}": v for k, v in metrics.items()}})
+        self.accelerator.print(f"step {state['global_step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        if cfg.save_checkpoints:
+            if self.plan.mask is not None:
+                state["mask_stage"] = self.plan.mask.stage
+            name = checkpoints.checkpoint_name(state["global_step"])
+            if improved:
+                state["best_checkpoint"] = name
+            checkpoints.save(self.accelerator, self.out, state)
+            if self.accelerator.is_main_process:
+                checkpoints.prune(self.out, cfg.keep_checkpoints, keep=state["best_checkpoint"])
+            self.accelerator.wait_for_everyone()
+        patience = cfg.early_stopping_patience
+        if patience and state["evals_without_improvement"] >= patience:
+            self.accelerator.print(f"early stopping: {self.metric_for_best} did not improve for {patience} evaluations")
+            return True
+        return False
+
+    # ------------------------------------------------------------------ the end
+    def finish(self) -> dict:
+        cfg, acc, state = self.cfg, self.accelerator, self.state
+        best = state["best_checkpoint"]
+        weights_evaluated = getattr(self, "last_validation", (None,))[0] == state["global_step"]
+        if cfg.load_best_at_end and cfg.save_checkpoints and best and best != checkpoints.checkpoint_name(state["global_step"]):
+            checkpoints.load_model_weights(acc, self.out / "checkpoints" / best)
+            weights_evaluated = False
+            acc.print(f"loaded the best checkpoint {best} ({self.metric_for_best} {state['best_metric']:.4f})")
+        results = {}
+        for split in self.eval_loaders:
+            if split == "validation" and weights_evaluated:  # these very weights were just evaluated
+                metrics, gathered = self.last_validation[1:]
+            else:
+                metrics, gathered = self.evaluate(split)
+            results[split] = metrics
+            if split == ("test" if "test" in self.eval_loaders else "validation"):
+                self.final_outputs = (split, gathered)
+        self.save_final_model()
+        summary = {
+            "recipe": cfg.recipe, "model": cfg.model, "dataset": cfg.dataset or cfg.train_file, "tuning": cfg.tuning,
+            "trainable_params": self.plan.trainable_params, "total_params": self.plan.total_params,
+            "train_examples": self.num_train_examples, "global_step": state["global_step"], "best_checkpoint": best,
+            "metric_for_best": self.metric_for_best, "results": results, "config_hash": config_hash(cfg),
+        }
+        if acc.is_main_process:
+            write_json(self.out / "eval_results.json", results)
+            write_json(self.out / FINISHED_MARKER, summary)
+        acc.end_training()
+        return summary
+
+    def save_final_model(self) -> None:
+        """Save to a temporary folder, then move each file into place (each move is atomic)."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        unwrapped = acc.unwrap_model(self.model)
+        state_dict = acc.get_state_dict(self.model)  # full weights on the main process under FSDP/ZeRO-3
+        tmp = self.out / ".tmp-final"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            self.processor.save_pretrained(tmp)
+            if self.cfg.tuning == "lora":
+                # The adapter alone cannot say what its labels are: keep the task config beside it.
+                unwrapped.base_model.model.config.save_pretrained(tmp)
+                if self.cfg.merge_lora:
+                    merged = unwrapped.merge_and_unload()
+                    merged.save_pretrained(tmp / "merged", safe_serialization=True)
+                    self.processor.save_pretrained(tmp / "merged")
+            for path in sorted(tmp.rglob("*")):
+                if path.is_file():
+                    target = self.out / path.relative_to(tmp)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(path, target)
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+
+
+def _model_inputs(ds):
+    """Only the columns the model takes: `length` is for batching, not for the forward pass."""
+    return ds.remove_columns([c for c in ("length",) if c in ds.column_names])
+
+
+def train(cfg: RunConfig, recipe) -> dict:
+    trainer = Trainer(cfg, recipe)
+    trainer.setup()
+    return trainer.train()

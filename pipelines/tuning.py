@@ -1,0 +1,203 @@
+"""Transfer-learning strategies: which parameters train, and at what learning rate.
+
+Every strategy works from the same per-architecture facts (`pipelines.models.ARCHITECTURES`):
+the "stem" (embeddings and anything outside the layer stacks) at depth 0, the transformer layers at
+depths 1..L bottom to top, and the task head at depth L+1.
+
+- full:               everything trains.
+- feature-extraction: only the head trains.
+- last-n:             the head and the top N layers train.
+- gradual:            the head first, then one more layer every K epochs (or steps), the stem last.
+- lora:               peft LoRA adapters on the architecture's attention modules, plus the head.
+Discriminative learning rates (`--head-learning-rate`, `--layer-lr-decay`) combine with any of them.
+
+Gradual unfreezing under DDP: changing `requires_grad` after the model is wrapped silently breaks
+gradient sync, so every parameter that will ever train has `requires_grad=True` from the start,
+and `GradientMask.apply()` drops the gradients of the layers not yet unfrozen just before the
+optimizer step (after DDP's all-reduce). AdamW skips parameters whose grad is None, so those
+layers stay bit-identical until their stage arrives.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from pipelines.errors import UserError
+from pipelines.models import Architecture, architecture, get_module
+
+PEFT_PREFIX = re.compile(r"^(base_model\.model\.)")
+
+
+def _plain_name(name: str) -> str:
+    return PEFT_PREFIX.sub("", name)
+
+
+class LayerMap:
+    """Depth of each parameter: 0 for the stem, 1..L for layers (bottom to top), L+1 for the head."""
+
+    def __init__(self, model, arch: Architecture):
+        self.arch = arch
+        self.offsets = []  # (dotted path of a layer stack, depth offset of its first layer)
+        offset = 0
+        for path in arch.layers:
+            self.offsets.append((path, offset))
+            offset += len(get_module(model, path))
+        self.num_layers = offset
+
+    def depth(self, name: str) -> int:
+        plain = _plain_name(name)
+        if any(plain == h or plain.startswith(h + ".") for h in self.arch.heads):
+            return self.num_layers + 1
+        for path, offset in self.offsets:
+            match = re.search(re.escape(path) + r"\.(\d+)\.", plain)
+            if match:
+                return offset + int(match.group(1)) + 1
+        return 0
+
+
+def _is_always_frozen(name: str, arch: Architecture) -> bool:
+    plain = _plain_name(name)
+    return any(plain.startswith(p + ".") for p in arch.always_frozen)
+
+
+@dataclass
+class TuningPlan:
+    model: torch.nn.Module  # the model to train (a peft model for LoRA)
+    param_groups: list  # for torch.optim.AdamW
+    mask: "GradientMask | None"  # gradual unfreezing only
+    trainable_params: int
+    total_params: int
+    peft_task_type: str | None = None
+
+    def describe(self) -> str:
+        share = 100.0 * self.trainable_params / max(self.total_params, 1)
+        return f"trainable parameters: {self.trainable_params:,} of {self.total_params:,} ({share:.2f}%)"
+
+
+class GradientMask:
+    """Gradual unfreezing: at stage s the head and the top s-1 layers train; the stem trains last."""
+
+    def __init__(self, model, depths: dict, num_layers: int, every: int, unit: str):
+        self.params = [(p, depths[n]) for n, p in model.named_parameters() if p.requires_grad]
+        self.num_layers = num_layers
+        self.every = every
+        self.unit = unit
+        self.stage = 1
+
+    def update(self, epoch: int, step: int) -> bool:
+        """Set the stage from the epoch or optimizer step; True when it changed."""
+        count = epoch if self.unit == "epoch" else step
+        stage = min(1 + count // self.every, self.num_layers + 2)
+        changed = stage != self.stage
+        self.stage = stage
+        return changed
+
+    def lowest_trained_depth(self) -> int:
+        return max(self.num_layers + 2 - self.stage, 0)
+
+    def apply(self) -> None:
+        lowest = self.lowest_trained_depth()
+        for p, depth in self.params:
+            if depth < lowest:
+                p.grad = None
+
+    def state_dict(self):
+        return {"stage": self.stage}
+
+    def load_state_dict(self, state):
+        self.stage = state["stage"]
+
+
+def _freeze(model, arch: Architecture, depths: dict, lowest_trained_depth: int) -> None:
+    for name, p in model.named_parameters():
+        p.requires_grad = depths[name] >= lowest_trained_depth and not _is_always_frozen(name, arch)
+
+
+def _apply_lora(model, arch: Architecture, cfg, task_type):
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(cfg.lora_target_modules or arch.lora_targets)
+    present = {n for n, _ in model.named_modules()}
+    heads = [h for h in arch.heads if h in present]
+    lora_config = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        modules_to_save=heads or None,  # a new head must train, or it stays random
+        task_type=task_type,
+    )
+    try:
+        return get_peft_model(model, lora_config)
+    except ValueError as e:
+        if "not found in the base model" in str(e) or "Target modules" in str(e):
+            names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+            raise UserError(
+                f"--lora-target-modules {','.join(targets)} match no module of this {model.config.model_type} model; "
+                f"its linear layers are named: {', '.join(names)}"
+            ) from None
+        raise
+
+
+def no_weight_decay(name: str, param) -> bool:
+    """Biases and normalisation weights are not decayed (decoupled weight decay, as in AdamW papers)."""
+    return param.ndim < 2 or "norm" in name.lower()
+
+
+def plan_tuning(model, cfg, peft_task_type: str | None = None) -> TuningPlan:
+    """Apply the chosen strategy to `model` (before accelerator.prepare) and build optimizer groups."""
+    needs_layers = cfg.tuning != "full" or cfg.layer_lr_decay != 1.0 or cfg.head_learning_rate is not None
+    arch = architecture(model) if needs_layers or model.config.model_type in ("wav2vec2", "hubert") else None
+    if arch is None:  # full fine-tuning of a family we know nothing about: everything trains at one rate
+        depths = {n: 0 for n, _ in model.named_parameters()}
+        num_layers = 0
+    else:
+        layer_map = LayerMap(model, arch)
+        num_layers = layer_map.num_layers
+        depths = {n: layer_map.depth(n) for n, _ in model.named_parameters()}
+        if num_layers and cfg.tuning == "last-n" and cfg.unfreeze_last_n > num_layers:
+            raise UserError(f"--unfreeze-last-n {cfg.unfreeze_last_n} exceeds the model's {num_layers} layers")
+
+    mask = None
+    if cfg.tuning == "lora":
+        model = _apply_lora(model, arch, cfg, peft_task_type)
+        for name, p in model.named_parameters():
+            if _is_always_frozen(name, arch):
+                p.requires_grad = False
+        depths = {n: layer_map.depth(n) for n, _ in model.named_parameters()}
+    elif arch is not None:
+        lowest = {
+            "full": 0,
+            "feature-extraction": num_layers + 1,
+            "last-n": num_layers + 1 - cfg.unfreeze_last_n,
+            "gradual": 0,
+        }[cfg.tuning]
+        _freeze(model, arch, depths, lowest)
+        if cfg.tuning == "gradual":
+            mask = GradientMask(model, depths, num_layers, cfg.unfreeze_every, cfg.unfreeze_unit)
+
+    head_lr = cfg.head_learning_rate or cfg.learning_rate
+    groups: dict = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        depth = depths.get(name, 0)
+        if depth > num_layers:
+            lr = head_lr
+        else:  # layer-wise decay: the top layer gets lr, each one below it `decay` times less
+            lr = cfg.learning_rate * cfg.layer_lr_decay ** (num_layers - depth)
+        decay = 0.0 if no_weight_decay(name, p) else cfg.weight_decay
+        key = (lr, decay)
+        groups.setdefault(key, {"params": [], "lr": lr, "weight_decay": decay, "names": []})
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    if not groups:
+        raise UserError(f"--tuning {cfg.tuning} leaves no trainable parameter in this model")
+    param_groups = [{k: v for k, v in g.items() if k != "names"} for g in groups.values()]
+
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return TuningPlan(model, param_groups, mask, trainable, total, peft_task_type)

@@ -1,0 +1,58 @@
+#!/usr/bin/env python
+"""Publish a trained output folder to the Hugging Face Hub (or a Hub-compatible server) or a git remote.
+
+    python scripts/publish.py OUTPUT_DIR REPO_ID [--hub-endpoint URL] [--private] [--revision REV]
+                              [--commit-message MSG] [--include-checkpoints]
+    python scripts/publish.py OUTPUT_DIR --push-to-git URL [--revision BRANCH] ...
+
+The token comes from HF_TOKEN or `hf auth login`; it is never printed or written.
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from pipelines.errors import UserError  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output_dir", help="the training output folder")
+    parser.add_argument("repo_id", nargs="?", help="namespace/name on the Hub")
+    parser.add_argument("--push-to-git", metavar="URL", help="publish to this git remote instead of the Hub")
+    parser.add_argument("--hub-endpoint", metavar="URL", help="Hub-compatible server (default: HF_ENDPOINT or huggingface.co)")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--revision", help="branch to publish to (default: main)")
+    parser.add_argument("--commit-message", help="commit message")
+    parser.add_argument("--include-checkpoints", action="store_true",
+                        help="also publish checkpoints, optimizer/scheduler/RNG states and tensorboard events")
+    args = parser.parse_args(argv)
+    if bool(args.repo_id) == bool(args.push_to_git):
+        parser.error("give either REPO_ID or --push-to-git URL (exactly one)")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("httpx", "httpx2"):  # one INFO line per HTTP request otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    from pipelines.publish import publish_to_git, publish_to_hub
+
+    try:
+        if args.push_to_git:
+            sha = publish_to_git(args.output_dir, args.push_to_git, branch=args.revision or "main",
+                                 commit_message=args.commit_message, include_checkpoints=args.include_checkpoints)
+            print(sha)
+        else:
+            url = publish_to_hub(args.output_dir, args.repo_id, endpoint=args.hub_endpoint, private=args.private,
+                                 revision=args.revision, commit_message=args.commit_message,
+                                 include_checkpoints=args.include_checkpoints)
+            print(url)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
