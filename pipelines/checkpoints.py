@@ -33,6 +33,47 @@ def latest(out: Path):
 
 
 def save(accelerator, out: Path, state: dict) -> Path:
+    """Write a checkpoint; a failed write (disk full, read-only folder) is a UserError naming the folder,
+    and leaves the earlier checkpoints as they were (only the `.tmp-` folder is removed)."""
+    tmp = Path(out) / "checkpoints" / f".tmp-{checkpoint_name(state['global_step'])}"
+    try:
+        return _save(accelerator, out, state)
+    except Exception as e:
+        if not is_write_error(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = latest(out)
+        raise write_error(e, f"checkpoint {tmp.name[len('.tmp-'):]}", tmp,
+                          f"the earlier checkpoint {kept} is intact" if kept else "no earlier checkpoint exists") from None
+
+
+def is_write_error(e: BaseException) -> bool:
+    """An error of the file system, as each writer reports it: Python (OSError), safetensors
+    (SafetensorError "I/O error"), torch.save (RuntimeError from its zip writer)."""
+    if isinstance(e, OSError):
+        return True
+    text = str(e)
+    if type(e).__name__ == "SafetensorError":
+        return "I/O error" in text or "os error" in text
+    return isinstance(e, RuntimeError) and any(k in text for k in ("inline_container", "PytorchStreamWriter", "file write failed"))
+
+
+def write_error(e: BaseException, what: str, where: Path, kept: str) -> "UserError":
+    from pipelines.errors import UserError
+
+    if isinstance(e, OSError) and e.strerror:
+        reason = e.strerror + (f" ({e.filename})" if e.filename else "")
+    else:
+        reason = " ".join(str(e).split())[:200]
+        try:
+            reason += f"; {shutil.disk_usage(where.parent).free / 1e9:.1f} GB free there"
+        except OSError:
+            pass
+    return UserError(f"could not write {what} to {where}: {reason}. {kept[:1].upper()}{kept[1:]}; "
+                     "free disk space or fix the folder's permissions, then run again")
+
+
+def _save(accelerator, out: Path, state: dict) -> Path:
     from pipelines.trainer import write_json
 
     folder = Path(out) / "checkpoints"

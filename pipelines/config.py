@@ -180,8 +180,30 @@ def read_yaml(path: str) -> dict:
     return {_key(k): v for k, v in data.items()}
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line through UserError, not argparse's usage dump and exit
+        raise UserError(message)
+
+
+def _join_negative_numbers(argv):
+    """`--learning-rate -1e-5` -> `--learning-rate=-1e-5`: argparse would read -1e-5 as a flag."""
+    joined, i = [], 0
+    while i < len(argv):
+        if argv[i].startswith("--") and "=" not in argv[i] and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            try:
+                float(argv[i + 1])
+                joined.append(f"{argv[i]}={argv[i + 1]}")
+                i += 2
+                continue
+            except ValueError:
+                pass
+        joined.append(argv[i])
+        i += 1
+    return joined
+
+
 def build_parser(recipe_names, extra_options=()) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="run.py",
         description="Fine-tune a pretrained model with a recipe and a transfer-learning strategy.",
         epilog="Recipes: " + ", ".join(recipe_names) + ". Each option can also be a key in --config FILE.yaml.",
@@ -215,7 +237,7 @@ def parse_args(argv, recipes: dict) -> RunConfig:
         for name, default, help_text in getattr(r, "extra_options", ()):
             all_extra[name] = (name, default, help_text)
     parser = build_parser(sorted(recipes), list(all_extra.values()))
-    known, unknown = parser.parse_known_args(argv)
+    known, unknown = parser.parse_known_args(_join_negative_numbers(list(argv)))
     if unknown:
         bad = next((u for u in unknown if u.startswith("-")), unknown[0])
         flags = [a for action in parser._actions for a in action.option_strings]

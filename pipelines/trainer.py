@@ -21,6 +21,7 @@ import torch
 from pipelines import checkpoints
 from pipelines.batching import EpochShuffleSampler, padding_share
 from pipelines.config import RunConfig, config_hash, snapshot
+from pipelines.distributed import check_engine, parameter_fingerprints
 from pipelines.errors import UserError
 from pipelines.tuning import plan_tuning
 
@@ -95,16 +96,11 @@ class Trainer:
         from pipelines.data import load_raw_splits
 
         cfg, acc = self.cfg, self.accelerator
-        if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            if cfg.overwrite_output_dir and not cfg.resume:
-                shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
-                self.log_path.unlink(missing_ok=True)
-            write_json(self.out / "run_config.json", snapshot(cfg))
         set_seed(cfg.seed)
         # Rank 0 downloads and preprocesses first; the others then read its cache.
         with acc.main_process_first():
-            splits = load_raw_splits(cfg, getattr(self.recipe, "folder_builder", None))
+            # A recipe may read formats of its own (ner: CoNLL column files) through `load_splits`.
+            splits = getattr(self.recipe, "load_splits", load_raw_splits)(cfg, getattr(self.recipe, "folder_builder", None))
             model, self.processor = self.recipe.load(cfg, splits)
             self.encoded = self.recipe.preprocess(splits, self.processor, cfg)
         self.raw_splits = splits
@@ -115,6 +111,14 @@ class Trainer:
         if self.plan.mask is not None and acc.distributed_type.name in ("DEEPSPEED", "FSDP"):
             raise UserError(f"--tuning gradual works on one device and with DDP, not with {acc.distributed_type.name}; "
                             "use --tuning last-n or full there")
+        check_engine(acc, self.plan, cfg)
+        # Only now, with data and model checked, touch the output folder: a bad input leaves it as it was.
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if cfg.overwrite_output_dir and not cfg.resume:
+                shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
+                self.log_path.unlink(missing_ok=True)
+            write_json(self.out / "run_config.json", snapshot(cfg))
 
         collate = self.recipe.collator(self.processor, cfg)
         train = self.encoded["train"]
@@ -225,8 +229,9 @@ class Trainer:
                     if acc.sync_gradients:
                         if self.plan.mask is not None:
                             self.plan.mask.apply()
-                        grad_norm = acc.clip_grad_norm_(params, max_norm)
-                        if not torch.isfinite(torch.as_tensor(grad_norm)):
+                        grad_norm = acc.clip_grad_norm_(params, max_norm)  # None under DeepSpeed: it clips itself
+                        if not torch.isfinite(torch.as_tensor(grad_norm if grad_norm is not None else loss.detach())):
+                            progress.close()  # the error then starts a line of its own, not the bar's
                             raise UserError(self._non_finite_message(state["global_step"] + 1, epoch, loss))
                     self.optimizer.step()
                     self.scheduler.step()
@@ -326,13 +331,23 @@ class Trainer:
             results[split] = metrics
             if split == ("test" if "test" in self.eval_loaders else "validation"):
                 self.final_outputs = (split, gathered)
-        self.save_final_model()
+        try:
+            self.save_final_model()
+        except Exception as e:  # disk full, read-only folder: one line; the earlier files stay as they were
+            if not checkpoints.is_write_error(e):
+                raise
+            shutil.rmtree(self.out / ".tmp-final", ignore_errors=True)
+            raise checkpoints.write_error(e, "the final model", self.out / ".tmp-final",
+                                          f"the files already in {self.out} were not replaced") from None
         summary = {
             "recipe": cfg.recipe, "model": cfg.model, "dataset": cfg.dataset or cfg.train_file, "tuning": cfg.tuning,
             "trainable_params": self.plan.trainable_params, "total_params": self.plan.total_params,
             "train_examples": self.num_train_examples, "global_step": state["global_step"], "best_checkpoint": best,
             "metric_for_best": self.metric_for_best, "results": results, "config_hash": config_hash(cfg),
         }
+        fingerprints = parameter_fingerprints(acc, self.model)  # collective: every rank sums its own replica
+        if fingerprints:  # DDP only: tests (and users) check that no rank drifted
+            summary["rank_parameter_fingerprints"] = fingerprints
         if acc.is_main_process:
             write_json(self.out / "eval_results.json", results)
             write_json(self.out / FINISHED_MARKER, summary)
@@ -352,8 +367,8 @@ class Trainer:
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             self.processor.save_pretrained(tmp)
             if self.cfg.tuning == "lora":
-                # The adapter alone cannot say what its labels are: keep the task config beside it.
-                unwrapped.base_model.model.config.save_pretrained(tmp)
+                # No config.json beside the adapter: transformers would take the folder for a full
+                # model. pipeline(model=OUTPUT_DIR) loads the base named in adapter_config.json.
                 if self.cfg.merge_lora:
                     merged = unwrapped.merge_and_unload()
                     merged.save_pretrained(tmp / "merged", safe_serialization=True)

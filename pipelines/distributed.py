@@ -1,0 +1,70 @@
+"""What the trainer must know about the distributed engine Accelerate was launched with.
+
+- `check_engine`: strategy x engine combinations that cannot work fail at set-up with one line,
+  instead of a deep error inside FSDP or DeepSpeed later (or, worse, silently wrong weights).
+- `parameter_fingerprints`: under DDP every rank must end with the same weights; each rank sums
+  its parameters (float64 sum and sum of squares) and the main process records every rank's pair
+  in run_summary.json, so a test (or a user) can check that no rank drifted.
+
+The engines themselves (recipes/accelerate/*.yaml) are chosen with `accelerate launch --config_file`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipelines.errors import UserError
+
+
+def engine(accelerator) -> str:
+    """A readable name: 'FSDP2', 'FSDP1', 'DeepSpeed ZeRO-3', 'MULTI_GPU', 'NO', ..."""
+    kind = accelerator.distributed_type.name
+    if kind == "FSDP":
+        return f"FSDP{accelerator.state.fsdp_plugin.fsdp_version}"
+    if kind == "DEEPSPEED":
+        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    return kind
+
+
+def shards_parameters(accelerator) -> bool:
+    """True when no single process holds the whole model (FSDP, DeepSpeed ZeRO-3)."""
+    kind = accelerator.distributed_type.name
+    return kind == "FSDP" or (kind == "DEEPSPEED" and accelerator.state.deepspeed_plugin.zero_stage == 3)
+
+
+def is_ddp(accelerator) -> bool:
+    """Data parallel with a full replica per process (MULTI_CPU, MULTI_GPU, MULTI_XPU, ...)."""
+    return accelerator.distributed_type.name.startswith("MULTI_") and accelerator.num_processes > 1
+
+
+def check_engine(accelerator, plan, cfg) -> None:
+    """Refuse strategy x engine combinations that cannot work; call before `accelerator.prepare`."""
+    kind = accelerator.distributed_type.name
+    name = engine(accelerator) if kind in ("FSDP", "DEEPSPEED") else kind
+    frozen = plan.trainable_params < plan.total_params
+    if kind == "FSDP" and accelerator.state.fsdp_plugin.fsdp_version == 1 and frozen \
+            and not accelerator.state.fsdp_plugin.use_orig_params:
+        # FSDP1 flattens each wrapped module's parameters into one tensor with one requires_grad.
+        raise UserError(f"--tuning {cfg.tuning} freezes some parameters, which FSDP1 can only shard with "
+                        "fsdp_use_orig_params: true; set it in the Accelerate config, or use fsdp_version: 2 "
+                        "(recipes/accelerate/fsdp.yaml)")
+    if cfg.merge_lora and cfg.tuning == "lora" and shards_parameters(accelerator):
+        raise UserError(f"--merge-lora cannot merge adapters into weights sharded by {name}; train without it and "
+                        "merge the saved adapter afterwards on one process (peft's merge_and_unload)")
+
+
+@torch.no_grad()
+def parameter_fingerprints(accelerator, model) -> list | None:
+    """[{rank, sum, sum_of_squares}] of every rank's parameters under DDP (None otherwise).
+
+    Collective: every process must call it. Sharded engines have no full replica to compare.
+    """
+    if not is_ddp(accelerator):
+        return None
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for p in accelerator.unwrap_model(model).parameters():
+        values = p.detach().to(torch.float64)
+        total[0] += values.sum()
+        total[1] += (values * values).sum()
+    gathered = accelerator.gather(total.unsqueeze(0)).view(-1, 2).cpu().tolist()
+    return [{"rank": rank, "sum": s, "sum_of_squares": q} for rank, (s, q) in enumerate(gathered)]

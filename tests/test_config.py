@@ -1,0 +1,95 @@
+"""The run configuration: layering, validation, and errors that suggest the closest option."""
+
+import pytest
+
+from pipelines.config import RunConfig, build_parser, parse_args, snapshot
+from pipelines.errors import UserError
+from recipes import RECIPES
+
+
+def test_layers_defaults_recipe_yaml_then_command_line(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("learning-rate: 1.0e-3\nbatch_size: 4\nnum_epochs: 2\n")
+    cfg = parse_args(["--recipe", "sentiment", "--config", str(config), "--batch-size", "8"], RECIPES)
+    assert cfg.learning_rate == 1e-3  # YAML over the recipe default (2e-5)
+    assert cfg.batch_size == 8  # command line over YAML
+    assert cfg.num_epochs == 2
+    assert cfg.max_length == RECIPES["sentiment"].defaults["max_length"]  # recipe over base default
+    assert cfg.weight_decay == RunConfig.weight_decay
+    assert cfg.output_dir == "outputs/sentiment"
+
+
+def test_every_field_is_a_flag():
+    parser = build_parser(sorted(RECIPES))
+    flags = {a for action in parser._actions for a in action.option_strings}
+    for name in RunConfig.__dataclass_fields__:
+        if name != "extra":
+            assert "--" + name.replace("_", "-") in flags
+
+
+def test_help_lists_the_recipes():
+    text = build_parser(sorted(RECIPES)).format_help()
+    for name in RECIPES:
+        assert name in text
+    assert "--tuning" in text and "lora" in text
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--lerning-rate", "1e-4"], "Did you mean '--learning-rate'"),
+        (["--recipe", "sentimnt"], "Did you mean 'sentiment'"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--learning-rate", "-1e-5"], "--learning-rate must be positive"),
+        (["--batch-size", "eight"], "option 'batch_size' expects int, got 'eight'"),
+        (["--layer-lr-decay", "1.5"], "--layer-lr-decay must be in (0, 1]"),
+    ],
+)
+def test_bad_options_name_the_fix(argv, expected):
+    with pytest.raises(UserError) as error:
+        parse_args(argv, RECIPES)
+    assert expected in str(error.value)
+
+
+def test_unknown_yaml_key_suggests_closest(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("recipe: sentiment\nwarmup_ration: 0.1\n")
+    with pytest.raises(UserError) as error:
+        parse_args(["--config", str(config)], RECIPES)
+    assert "unknown option 'warmup_ration'" in str(error.value)
+    assert "warmup_ratio" in str(error.value)
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    config = tmp_path / "broken.yaml"
+    config.write_text("recipe: sentiment\nbatch_size: [8\nlearning_rate: 1\n")
+    with pytest.raises(UserError) as error:
+        parse_args(["--config", str(config)], RECIPES)
+    message = str(error.value)
+    assert str(config) in message and "line" in message
+
+
+def test_output_dir_that_is_a_file_is_refused(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        parse_args(["--output-dir", str(target)], RECIPES)
+
+
+def test_snapshot_leaves_secrets_out(tmp_path):
+    cfg = parse_args(["--output-dir", str(tmp_path / "o")], RECIPES)
+    data = snapshot(cfg)
+    assert data["versions"]["torch"] and data["versions"]["transformers"]
+    assert not any("token" in key for key in data["config"])
+
+
+def test_shipped_configs_parse():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "recipes" / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        first_line = path.read_text().splitlines()[0]
+        assert first_line.startswith("#") and "scripts/run.py" in first_line, f"{path.name} must start with its command"
+        cfg = parse_args(["--config", str(path)], RECIPES)
+        assert cfg.recipe in RECIPES
