@@ -24,7 +24,8 @@ class EpochShuffleSampler(Sampler):
         self.num_examples = num_examples
         self.seed = seed
         self.batch_size = batch_size
-        self.lengths = lengths
+        # Read once into a list: indexing a datasets Column costs ~0.1 ms an element (seconds an epoch on SST-2).
+        self.lengths = None if lengths is None else list(lengths[:])
         self.mega_batches = mega_batches
         self.epoch = 0
 

@@ -88,6 +88,7 @@ class RunConfig:
     load_best_at_end: bool = True
     logging_steps: int = 10
     overwrite_output_dir: bool = False
+    bootstrap_samples: int = 1000  # resamples for the 95% bootstrap CI of the main metric in eval_report; 0: none
 
     # Generation (seq2seq recipes)
     num_beams: int = 1
@@ -301,6 +302,17 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.eval_steps is None or cfg.eval_steps >= 1, "--eval-steps must be at least 1")
     need(cfg.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1")
     need(cfg.logging_steps >= 1, "--logging-steps must be at least 1")
+    need(cfg.bootstrap_samples >= 0, f"--bootstrap-samples must not be negative, got {cfg.bootstrap_samples}")
+    if cfg.push_to_hub is not None:  # before any training: a typo must not cost a whole run
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
+
+        try:
+            validate_repo_id(cfg.push_to_hub)
+        except HFValidationError as e:
+            raise UserError(f"--push-to-hub: invalid repo id {cfg.push_to_hub!r}: {' '.join(str(e).split())[:200]}") from None
+    need(cfg.hub_endpoint is None or cfg.hub_endpoint.startswith(("http://", "https://")),
+         f"--hub-endpoint must be an http(s):// URL, got {cfg.hub_endpoint!r}")
     need(cfg.num_beams >= 1 and cfg.max_new_tokens >= 1, "--num-beams and --max-new-tokens must be at least 1")
     for name in ("max_train_samples", "max_eval_samples", "max_length"):
         value = getattr(cfg, name)

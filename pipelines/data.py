@@ -110,6 +110,10 @@ def _load_files(data_files: dict):
         return datasets.load_dataset(builder, data_files=data_files, **kwargs)
     except Exception as e:  # the builders raise many types; all mean "this file cannot be read"
         bad = next(iter(data_files.values())) if len(data_files) == 1 else ", ".join(data_files.values())
+        cause = str(e.__cause__ or e.__context__ or e)
+        if "column names don't match" in cause:  # datasets reads all splits into one schema
+            raise UserError(f"the data files {bad} do not all have the same columns ({' '.join(cause.split())[:300]}); "
+                            "give every split the same column names") from None
         raise UserError(f"could not read data file(s) {bad} as {builder}: {_first_line(e)}") from None
 
 

@@ -1,7 +1,12 @@
 """What the trainer must know about the distributed engine Accelerate was launched with.
 
-- `check_engine`: strategy x engine combinations that cannot work fail at set-up with one line,
-  instead of a deep error inside FSDP or DeepSpeed later (or, worse, silently wrong weights).
+- `prepare_engine`: strategy x engine combinations that cannot work fail at set-up with one line,
+  instead of a deep error inside FSDP or DeepSpeed later (or, worse, silently wrong weights); and
+  run options an engine would otherwise take from its own config reach it (DeepSpeed clips
+  gradients inside its engine, so --max-grad-norm must be handed to it).
+- `real_examples_in_last_batch`: a split whose size is not a multiple of the global batch gets its
+  last batch padded with repeats of its first examples; `gather_for_metrics` drops their outputs,
+  but a batch-mean loss has already averaged them in, so the trainer recomputes it on the real ones.
 - `parameter_fingerprints`: under DDP every rank must end with the same weights; each rank sums
   its parameters (float64 sum and sum of squares) and the main process records every rank's pair
   in run_summary.json, so a test (or a user) can check that no rank drifted.
@@ -37,7 +42,7 @@ def is_ddp(accelerator) -> bool:
     return accelerator.distributed_type.name.startswith("MULTI_") and accelerator.num_processes > 1
 
 
-def check_engine(accelerator, plan, cfg) -> None:
+def prepare_engine(accelerator, plan, cfg) -> None:
     """Refuse strategy x engine combinations that cannot work; call before `accelerator.prepare`."""
     kind = accelerator.distributed_type.name
     name = engine(accelerator) if kind in ("FSDP", "DEEPSPEED") else kind
@@ -51,6 +56,22 @@ def check_engine(accelerator, plan, cfg) -> None:
     if cfg.merge_lora and cfg.tuning == "lora" and shards_parameters(accelerator):
         raise UserError(f"--merge-lora cannot merge adapters into weights sharded by {name}; train without it and "
                         "merge the saved adapter afterwards on one process (peft's merge_and_unload)")
+    if kind == "DEEPSPEED":
+        # accelerator.clip_grad_norm_ is a no-op there; "auto" would become DeepSpeed's 1.0 whatever the flag says.
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        if ds_config.get("gradient_clipping", "auto") == "auto":
+            ds_config["gradient_clipping"] = float(cfg.max_grad_norm or 0.0)  # 0: DeepSpeed does not clip
+
+
+def real_examples_in_last_batch(accelerator, batch_size: int) -> int | None:
+    """How many examples of this process's batch are real, when it is the padded last batch of a split
+    spread over several processes (None otherwise). The same on every process at the same batch, so
+    all of them can run one more forward together (FSDP and ZeRO-3 forwards are collective)."""
+    state = accelerator.gradient_state
+    if accelerator.num_processes < 2 or not state.end_of_dataloader or state.remainder is None or state.remainder <= 0:
+        return None
+    # gather_for_metrics keeps the first `remainder` of [rank 0's batch, rank 1's batch, ...].
+    return max(0, min(batch_size, state.remainder - accelerator.process_index * batch_size))
 
 
 @torch.no_grad()

@@ -116,6 +116,8 @@ def load_pretrained(auto_class, name: str, cfg, **kwargs):
                 f"model {name} ({_model_type(source)}) cannot be used for recipe '{cfg.recipe}': "
                 f"{auto_class.__name__} does not support it. Choose a model of a family this task supports."
             ) from None
+        if "custom code" in str(e) or "trust_remote_code" in str(e):
+            raise _load_error(name, source, e) from None
         raise UserError(f"could not load model {name}: {text}") from None
 
 
@@ -140,13 +142,16 @@ def _model_type(source: str) -> str:
 
 def _load_error(name: str, source: str, error: Exception, what: str = "model") -> UserError:
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "custom code" in str(error) or "trust_remote_code" in str(error):
+        return UserError(f"{what} {name} comes with its own Python code (auto_map in its config), which is not run "
+                         "unless you pass --trust-remote-code; pass it only for a source you trust")
     if os.path.isdir(source):
         if "safetensors" in text.lower() or "use_safetensors" in text or ".bin" in text:
             return UserError(
                 f"{what} folder {name} has no safetensors weights; pickle-based weights are refused "
                 "because loading them can run code. Convert them, or pass --allow-pickle if you trust the file."
             )
-        return UserError(f"could not load {what} from folder {name}: {text}")
+        return UserError(f"could not load {what} from folder {name} ({_model_type(source)}): {text}")
     return UserError(
         f"could not load {what} '{name}' from the Hugging Face Hub (offline, unreachable, or no such repo: {text}). "
         + OFFLINE_HINT

@@ -133,7 +133,8 @@ def _apply_lora(model, arch: Architecture, cfg, task_type):
     try:
         return get_peft_model(model, lora_config)
     except ValueError as e:
-        if "not found in the base model" in str(e) or "Target modules" in str(e):
+        # peft words it differently when a module_to_save (the head) matched and no target did.
+        if type(e).__name__ == "NoMatchingPeftModuleError" or "not found in the base model" in str(e) or "Target modules" in str(e):
             names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
             raise UserError(
                 f"--lora-target-modules {','.join(targets)} match no module of this {model.config.model_type} model; "

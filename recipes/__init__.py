@@ -1,6 +1,10 @@
 """One module per task. Each recipe module imports only light code at the top (heavy libraries are
 imported inside its methods), so building this table costs little at start-up."""
 
+from recipes.asr import AsrRecipe
+from recipes.image_classification import ImageClassificationRecipe
+from recipes.ner import NerRecipe
 from recipes.sentiment import SentimentRecipe
+from recipes.summarization import SummarizationRecipe
 
-RECIPES = {recipe.name: recipe for recipe in (SentimentRecipe(),)}
+RECIPES = {recipe.name: recipe for recipe in (SentimentRecipe(), NerRecipe(), SummarizationRecipe(), AsrRecipe(), ImageClassificationRecipe(),)}

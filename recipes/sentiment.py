@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pipelines.recipe import Recipe, encode_labels, label_names_for, resolve_column
+import os
+import sys
+
+from pipelines.recipe import Recipe, classification_statistic, encode_labels, label_names_for, resolve_column
 
 
 class SentimentRecipe(Recipe):
@@ -31,6 +34,7 @@ class SentimentRecipe(Recipe):
 
         self.text_column = resolve_column(splits, cfg, "text_column", self.text_candidates)
         self.label_column = resolve_column(splits, cfg, "label_column", self.label_candidates)
+        self.text_pair_column = cfg.text_pair_column
         if cfg.text_pair_column:
             resolve_column(splits, cfg, "text_pair_column", ())
         self.labels = label_names_for(splits, self.label_column, cfg, binary_names=("negative", "positive"))
@@ -56,10 +60,18 @@ class SentimentRecipe(Recipe):
             encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
             encoded["labels"] = [to_id(v) for v in batch[label]]
             encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
+            encoded["truncated"] = [bool(e.overflowing) for e in encoded.encodings]
             return encoded
 
-        return splits.map(encode, batched=True, remove_columns=splits["train"].column_names,
-                          desc="tokenizing")
+        encoded = splits.map(encode, batched=True, remove_columns=splits["train"].column_names,
+                             desc="tokenizing")
+        counts = {split: sum(ds["truncated"]) for split, ds in encoded.items()}
+        if sum(counts.values()) and os.environ.get("RANK", "0") == "0":  # a count, not an error: once, by rank 0
+            detail = ", ".join(f"{split} {n} of {len(encoded[split])}" for split, n in counts.items() if n)
+            print(f"sentiment: {sum(counts.values())} texts were longer than max_length={max_length} tokens and were "
+                  f"truncated ({detail}); raise --max-length (up to {tokenizer.model_max_length}) to keep more.",
+                  file=sys.stderr, flush=True)
+        return encoded.remove_columns("truncated")
 
     def collator(self, tokenizer, cfg):
         from transformers import DataCollatorWithPadding
@@ -67,10 +79,26 @@ class SentimentRecipe(Recipe):
         return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=cfg.pad_to_multiple_of)
 
     def eval_step(self, model, batch, outputs, cfg):
-        return {"predictions": outputs.logits.argmax(dim=-1), "references": batch["labels"]}
+        import torch.nn.functional as F
+
+        logits = outputs.logits
+        return {"predictions": logits.argmax(dim=-1), "references": batch["labels"],
+                # per example (the trainer's `loss` is the batch mean): ranks the report's worst examples
+                "example_loss": F.cross_entropy(logits.float(), batch["labels"], reduction="none")}
 
     def compute_metrics(self, gathered, cfg):
         from pipelines.metrics import compute
 
         return compute("classification", predictions=[int(p) for p in gathered["predictions"]],
                        references=[int(r) for r in gathered["references"]])
+
+    def bootstrap_statistic(self, gathered, cfg):
+        return classification_statistic(gathered, self.main_metric)
+
+    def example_rows(self, gathered, raw_split, processor):
+        rows = super().example_rows(gathered, raw_split, processor)
+        pair = getattr(self, "text_pair_column", None)
+        if pair and raw_split is not None and pair in raw_split.column_names and len(raw_split) == len(rows):
+            for row, second in zip(rows, raw_split[pair]):
+                row["input"] = f"{row['input']} [SEP] {second}"
+        return rows

