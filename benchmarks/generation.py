@@ -34,16 +34,18 @@ def length_sorted_batches(lengths, batch_size: int) -> list:
 
 
 def cut_at_eos(ids, eos_id: int, pad_id: int | None, start: int = 0) -> list:
-    """Token ids from `start` up to and including the first end-of-sequence token; pad ids dropped."""
+    """The generated text's token ids: from `start` to before the first end-of-sequence token, pads dropped.
+
+    (generate() ends a batch's shorter sequences with EOS and padding, and may leave the EOS off the
+    longest one, so the content tokens are what batched and one-by-one outputs can be compared on.)
+    """
     out = []
     for t in list(ids)[start:]:
         t = int(t)
         if t == eos_id:
-            out.append(t)
             break
-        if pad_id is not None and t == pad_id and t != eos_id:
-            continue
-        out.append(t)
+        if t != pad_id:
+            out.append(t)
     return out
 
 
@@ -107,6 +109,9 @@ def t5_task(n_examples: int, max_new_tokens: int, max_source_length: int = 512):
     config = T5Config(decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
                       eos_token_id=tokenizer.eos_token_id)  # defaults = t5-small: d_model 512, 6+6 layers, 8 heads
     model = T5ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # random weights generate one token forever unless the LM head is its own random matrix
+        model.lm_head = torch.nn.Linear(config.d_model, config.vocab_size, bias=False)
+        torch.nn.init.normal_(model.lm_head.weight, std=1.0)
     rows = [json.loads(line) for line in open(SHARED / "data" / "xsum" / "validation.jsonl", encoding="utf-8")][:n_examples]
     encoded = [tokenizer("summarize: " + r["document"], truncation=True, max_length=max_source_length)["input_ids"] for r in rows]
     eos, pad = config.eos_token_id, config.pad_token_id
@@ -137,7 +142,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import torch
+    import transformers
 
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     generate_batch, examples, lengths, decode = TASKS[args.task](args.examples, args.max_new_tokens)
     generate_batch(examples[:1])  # warm-up: first-call costs are not part of either figure
     times = {"batched": [], "one_by_one": []}

@@ -128,8 +128,9 @@ def hyperparameters(cfg, summary: dict, num_processes: int = 1, adapter: dict | 
         rows.append(("head learning rate", cfg.head_learning_rate))
     if cfg.layer_lr_decay != 1.0:
         rows.append(("layer-wise LR decay", cfg.layer_lr_decay))
-    warmup = f"{cfg.warmup_steps} steps" if cfg.warmup_steps is not None else f"{cfg.warmup_ratio:g} of the steps"
-    rows += [("LR schedule", f"{cfg.lr_scheduler}, warm-up {warmup}"), ("optimizer", f"AdamW, weight decay {cfg.weight_decay:g}"),
+    warmup = f"{cfg.warmup_steps} steps" if cfg.warmup_steps is not None else f"{cfg.warmup_ratio:.0%} of the steps"
+    no_warmup = cfg.warmup_steps == 0 or (cfg.warmup_steps is None and not cfg.warmup_ratio)
+    rows += [("LR schedule", cfg.lr_scheduler + ("" if no_warmup else f", warm-up {warmup}")), ("optimizer", f"AdamW, weight decay {cfg.weight_decay:g}"),
              ("batch size", f"{cfg.batch_size} per device x {num_processes} device(s) x {cfg.gradient_accumulation_steps} "
                             f"accumulation = {cfg.batch_size * num_processes * cfg.gradient_accumulation_steps}"),
              ("training length", f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.num_epochs:g} epoch(s)"),
@@ -184,6 +185,16 @@ def usage_snippet(tag: str, model_ref: str, adapter: bool, id2label: dict | None
         comment = f"  # a path or URL of your own {'audio file' if 'speech' in tag else 'image'}"
     lines.append(f"print(pipe({_py(example)})){comment}")
     return "\n".join(lines)
+
+
+def _adapter_base_text(path: str | None, base: dict) -> str:
+    """How the card names the base model that adapter_config.json points to."""
+    if path and not os.path.isabs(path) and HUB_ID.match(path):
+        return f"[{path}](https://huggingface.co/{path})"
+    if path:
+        where = f"the local folder `{Path(path).name}`" + (f" (a copy of {base['id']})" if base["id"] else "")
+        return f"{where}, named by `base_model_name_or_path` in adapter_config.json: point it at your copy"
+    return base["text"]
 
 
 def _labels(id2label) -> dict | None:
@@ -246,7 +257,7 @@ def build_card(cfg, recipe, summary: dict, report: dict, out_dir, *, id2label: d
         data_text=data["text"],
         tuning=cfg.tuning,
         is_adapter=is_adapter,
-        adapter_base=adapter_base if adapter_base and not os.path.isabs(adapter_base) else (base["id"] or "the base model"),
+        adapter_base=_adapter_base_text(adapter_base, base),
         merged=bool(is_adapter and cfg.merge_lora and (out / "merged").is_dir()),
         unfreeze_last_n=cfg.unfreeze_last_n,
         unfreeze_every=cfg.unfreeze_every,

@@ -27,6 +27,7 @@ class RunConfig:
     revision: Optional[str] = None
     dataset: Optional[str] = None  # Hub id, local folder/file, or embedded:NAME
     dataset_config: Optional[str] = None  # Hub dataset configuration name (e.g. glue's "sst2")
+    dataset_revision: Optional[str] = None  # e.g. "refs/convert/parquet" for Hub datasets kept as scripts
     train_file: Optional[str] = None
     validation_file: Optional[str] = None
     test_file: Optional[str] = None
@@ -122,7 +123,10 @@ def _base_type(name: str):
 
 def coerce(name: str, value: Any, source: str) -> Any:
     """Convert a YAML or command-line value to the field's type, with an error naming the option."""
-    kind = _base_type(name)
+    return coerce_value(name, value, _base_type(name), source)
+
+
+def coerce_value(name: str, value: Any, kind: type, source: str) -> Any:
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and kind is not str):
         return None
     try:
@@ -263,7 +267,7 @@ def parse_args(argv, recipes: dict) -> RunConfig:
             if key in FIELDS:
                 values[key] = coerce(key, value, source)
             elif key in recipe_extra:
-                extra[key] = type(recipe_extra[key])(value) if recipe_extra[key] is not None and value is not None else value
+                extra[key] = coerce_value(key, value, type(recipe_extra[key]), source) if recipe_extra[key] is not None else value
             elif key in all_extra:
                 raise UserError(f"{source}: option '{key}' belongs to another recipe, not '{recipe_name}'")
             else:

@@ -148,7 +148,7 @@ def load_raw_splits(cfg, folder_builder: str | None = None):
         raise UserError(f"dataset folder or file not found: {source}")
     else:
         try:
-            raw = datasets.load_dataset(source, cfg.dataset_config, revision=None)
+            raw = datasets.load_dataset(source, cfg.dataset_config, revision=cfg.dataset_revision)
         except Exception as e:
             raise UserError(f"could not load dataset '{source}' from the Hugging Face Hub ({_first_line(e)}). {HUB_HINT}") from None
     return arrange_splits(raw, cfg)

@@ -20,7 +20,7 @@ OFFLINE_HINT = (
 
 @dataclass(frozen=True)
 class Architecture:
-    layers: tuple  # dotted paths of the ModuleLists of transformer layers, bottom to top
+    layers: tuple  # dotted paths of the ModuleLists of transformer layers, bottom to top ("a|b": either)
     heads: tuple  # modules that are new or task-specific: trained by every strategy
     lora_targets: tuple  # module names LoRA wraps (peft 0.21 defaults where it has them)
     always_frozen: tuple = field(default=())  # e.g. wav2vec2's convolutional feature encoder
@@ -42,7 +42,7 @@ ARCHITECTURES = {
         layers=("model.encoder.layers", "model.decoder.layers"), heads=("proj_out",),
         lora_targets=("q_proj", "k_proj", "v_proj", "out_proj"),
     ),
-    "vit": Architecture(layers=("vit.encoder.layer",), heads=("classifier",), lora_targets=("q_proj", "v_proj")),
+    "vit": Architecture(layers=("vit.layers|vit.encoder.layer",), heads=("classifier",), lora_targets=("q_proj", "v_proj")),
 }
 # Families that share a layout with one above.
 for _alias, _base in {"xlm-roberta": "roberta", "camembert": "roberta", "mt5": "t5"}.items():
@@ -94,6 +94,9 @@ def resolve_model(name: str) -> str:
         raise UserError(f"--model {name} is a file; give a model folder or a Hub id")
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise UserError(f"model folder not found: {name}")
+    from pipelines.hub_access import check_hub_reachable
+
+    check_hub_reachable(name, "model", OFFLINE_HINT)  # seconds, not a minute of retries, when the Hub is down
     return name
 
 

@@ -36,11 +36,6 @@ LENGTH_BUCKETS = (5, 10, 20, 40)
 
 
 # ------------------------------------------------------------------------------------------------ bootstrap
-def subset(gathered: dict, indices) -> dict:
-    """The per-example lists of `gathered`, taken at `indices` (repeats allowed): a resample."""
-    return {key: [values[i] for i in indices] for key, values in gathered.items()}
-
-
 def bootstrap_ci(statistic, n: int, resamples: int = 1000, seed: int = 0, confidence: float = CONFIDENCE):
     """Percentile bootstrap interval of `statistic(indices)` over `resamples` draws of n indices with
     replacement from numpy's default_rng(seed). Returns (low, high), or None with fewer than 2 examples

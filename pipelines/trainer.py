@@ -72,6 +72,23 @@ def make_accelerator(cfg: RunConfig):
     )
 
 
+def lr_schedule(name: str, optimizer, warmup: int, total: int):
+    """transformers' get_scheduler "linear", "cosine" and "constant", same formulas, on torch's LambdaLR: importing
+    transformers.optimization imports transformers.trainer_utils and with it peft: 0.3-1 s of start-up for nothing."""
+
+    def factor(step: int) -> float:
+        if name == "constant":
+            return 1.0
+        if step < warmup:
+            return float(step) / float(max(1, warmup))
+        progress = float(step - warmup) / float(max(1, total - warmup))
+        if name == "cosine":
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+        return max(0.0, float(total - step) / float(max(1, total - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def is_better(value: float, best: float | None, greater: bool) -> bool:
     return best is None or (value > best if greater else value < best)
 
@@ -124,7 +141,10 @@ class Trainer:
         train = self.encoded["train"]
         lengths = train["length"] if cfg.group_by_length and "length" in train.column_names else None
         sampler = EpochShuffleSampler(len(train), cfg.seed, cfg.batch_size, lengths)
-        loader_args = dict(collate_fn=collate, num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available())
+        # Own generator: creating a loader iterator draws a seed from it, not from the global RNG (dropout's), so a
+        # resumed run, which starts its iterator mid-epoch, draws the same dropout masks as an uninterrupted one.
+        loader_args = dict(collate_fn=collate, num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
+                           generator=torch.Generator().manual_seed(cfg.seed))
         train_loader = torch.utils.data.DataLoader(_model_inputs(train), batch_size=cfg.batch_size, sampler=sampler, **loader_args)
         eval_batch = cfg.eval_batch_size or cfg.batch_size
         eval_loaders = {
@@ -141,11 +161,8 @@ class Trainer:
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * updates_per_epoch))
         self.num_epochs = math.ceil(self.total_steps / updates_per_epoch)
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * self.total_steps)
-        from transformers import get_scheduler
-
         # A prepared scheduler steps once per process each call, so its horizon counts every process.
-        scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup * acc.num_processes,
-                                  num_training_steps=self.total_steps * acc.num_processes)
+        scheduler = lr_schedule(cfg.lr_scheduler, optimizer, warmup * acc.num_processes, self.total_steps * acc.num_processes)
         self.model, self.optimizer, self.train_loader, self.scheduler = acc.prepare(self.plan.model, optimizer, train_loader, scheduler)
         self.eval_loaders = {split: acc.prepare(loader) for split, loader in eval_loaders.items()}
         if acc.is_main_process and acc.log_with:

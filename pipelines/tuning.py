@@ -36,26 +36,49 @@ def _plain_name(name: str) -> str:
 
 
 class LayerMap:
-    """Depth of each parameter: 0 for the stem, 1..L for layers (bottom to top), L+1 for the head."""
+    """Depth of each parameter: 0 for the stem, 1..L for layers (bottom to top), L+1 for the head.
+
+    The head is found by parameter identity as well as by name: a tied output layer (T5's lm_head,
+    Whisper's proj_out) shares its weight with the input embeddings, and named_parameters() lists
+    that tensor under the embedding's name only.
+    """
 
     def __init__(self, model, arch: Architecture):
         self.arch = arch
         self.offsets = []  # (dotted path of a layer stack, depth offset of its first layer)
         offset = 0
-        for path in arch.layers:
+        for spec in arch.layers:
+            path, stack = resolve_module(model, spec)
             self.offsets.append((path, offset))
-            offset += len(get_module(model, path))
+            offset += len(stack)
         self.num_layers = offset
+        self.head_ids = {id(p) for h in arch.heads if hasattr_path(model, h) for p in get_module(model, h).parameters()}
 
-    def depth(self, name: str) -> int:
+    def depth(self, name: str, param=None) -> int:
         plain = _plain_name(name)
-        if any(plain == h or plain.startswith(h + ".") for h in self.arch.heads):
+        if (param is not None and id(param) in self.head_ids) or any(plain == h or plain.startswith(h + ".") for h in self.arch.heads):
             return self.num_layers + 1
         for path, offset in self.offsets:
             match = re.search(re.escape(path) + r"\.(\d+)\.", plain)
             if match:
                 return offset + int(match.group(1)) + 1
         return 0
+
+
+def hasattr_path(model, dotted: str) -> bool:
+    try:
+        get_module(model, dotted)
+        return True
+    except AttributeError:
+        return False
+
+
+def resolve_module(model, spec: str):
+    """`spec` lists alternative paths as "a|b" (module names move between transformers versions)."""
+    for path in spec.split("|"):
+        if hasattr_path(model, path):
+            return path, get_module(model, path)
+    raise UserError(f"{type(model).__name__} has none of the layer stacks {spec} named in pipelines/models.py ARCHITECTURES")
 
 
 def _is_always_frozen(name: str, arch: Architecture) -> bool:
@@ -158,7 +181,7 @@ def plan_tuning(model, cfg, peft_task_type: str | None = None) -> TuningPlan:
     else:
         layer_map = LayerMap(model, arch)
         num_layers = layer_map.num_layers
-        depths = {n: layer_map.depth(n) for n, _ in model.named_parameters()}
+        depths = {n: layer_map.depth(n, p) for n, p in model.named_parameters()}
         if num_layers and cfg.tuning == "last-n" and cfg.unfreeze_last_n > num_layers:
             raise UserError(f"--unfreeze-last-n {cfg.unfreeze_last_n} exceeds the model's {num_layers} layers")
 
@@ -168,7 +191,7 @@ def plan_tuning(model, cfg, peft_task_type: str | None = None) -> TuningPlan:
         for name, p in model.named_parameters():
             if _is_always_frozen(name, arch):
                 p.requires_grad = False
-        depths = {n: layer_map.depth(n) for n, _ in model.named_parameters()}
+        depths = {n: layer_map.depth(n, p) for n, p in model.named_parameters()}
     elif arch is not None:
         lowest = {
             "full": 0,

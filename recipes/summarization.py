@@ -43,6 +43,7 @@ class SummarizationRecipe(Recipe):
     defaults = {
         "model": "t5-small",
         "dataset": "EdinburghNLP/xsum",
+        "dataset_revision": "refs/convert/parquet",  # main is a loading script, which datasets 5 refuses
         "max_length": 512,  # source tokens
         "max_target_length": 64,  # XSum summaries are one sentence (~21 words)
         "learning_rate": 3e-4,  # T5 fine-tunes best at a much higher rate than BERT-style encoders

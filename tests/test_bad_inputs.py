@@ -207,7 +207,7 @@ ROWS = [
     ("Hub dataset, offline", None, lambda w: ["--model", w["bert"], "--dataset", "someone/dataset-not-in-any-cache"],
      "Use local files instead", "inline", {}),
     ("unreachable Hub endpoint", None, lambda w: sentiment(w, "--model", "someone/model-not-in-any-cache"),
-     "Point --model at a local folder", "process", {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}),
+     "could not reach the Hugging Face Hub at http://127.0.0.1:9", "process", {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}),
 ]
 
 
