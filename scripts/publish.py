@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout, not scripts/ (evaluate.py there would shadow the package)
 
 from pipelines.errors import UserError  # noqa: E402
 

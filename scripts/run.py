@@ -7,7 +7,7 @@ a YAML file passed with `--config`.
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout, not scripts/ (evaluate.py there would shadow the package)
 
 from pipelines.cli import main  # noqa: E402
 
