@@ -52,13 +52,17 @@ class EpochShuffleSampler(Sampler):
         return iter([i for k in batch_order for i in full[k]] + [i for b in short for i in b])
 
 
-def padding_share(batch: dict, pad_id: int | None, key: str = "input_ids") -> tuple[int, int]:
-    """(pad tokens, all tokens) in a batch: how much compute padding wastes."""
+def padding_share(batch: dict, pad_id: int | None, key: str = "input_ids") -> tuple:
+    """(pad tokens, all tokens) in a batch: how much compute padding wastes.
+
+    The pad count is a 0-d tensor on the batch's device, to be summed there and read when logged: an int()
+    here would make the host wait for the GPU on every step.
+    """
     ids = batch.get(key)
     if ids is None or pad_id is None or ids.ndim != 2:
         return 0, 0
     if "attention_mask" in batch:
-        pads = int((batch["attention_mask"] == 0).sum())
+        pads = (batch["attention_mask"] == 0).sum()
     else:
-        pads = int((ids == pad_id).sum())
+        pads = (ids == pad_id).sum()
     return pads, ids.numel()

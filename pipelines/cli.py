@@ -32,9 +32,11 @@ def main(argv=None) -> int:
 
         summary = train(cfg, RECIPES[cfg.recipe])
     except UserError as e:
+        _close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("interrupted: the last complete checkpoint is intact; continue with --resume", file=sys.stderr)
         return 130
     if _is_main_process():
@@ -43,6 +45,16 @@ def main(argv=None) -> int:
         print(f"done: model and reports in {cfg.output_dir}; {split}: "
               + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0
+
+
+def _close_progress_bars() -> None:
+    """End any progress bar still drawn (an error can stop the loop mid-bar), so the message starts a line."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def _is_main_process() -> bool:

@@ -24,12 +24,16 @@ class Architecture:
     heads: tuple  # modules that are new or task-specific: trained by every strategy
     lora_targets: tuple  # module names LoRA wraps (peft 0.21 defaults where it has them)
     always_frozen: tuple = field(default=())  # e.g. wav2vec2's convolutional feature encoder
+    # True where the "head" is the pretrained output layer (tied to the embeddings), not a new one:
+    # LoRA then leaves it frozen instead of copying the whole vocabulary projection into the adapter.
+    pretrained_head: bool = False
 
 
 ARCHITECTURES = {
     "bert": Architecture(layers=("bert.encoder.layer",), heads=("classifier",), lora_targets=("query", "value")),
     "roberta": Architecture(layers=("roberta.encoder.layer",), heads=("classifier",), lora_targets=("query", "value")),
-    "t5": Architecture(layers=("encoder.block", "decoder.block"), heads=("lm_head",), lora_targets=("q", "v")),
+    "t5": Architecture(layers=("encoder.block", "decoder.block"), heads=("lm_head",), lora_targets=("q", "v"),
+                       pretrained_head=True),
     "wav2vec2": Architecture(
         layers=("wav2vec2.encoder.layers",), heads=("lm_head",), lora_targets=("q_proj", "v_proj"),
         always_frozen=("wav2vec2.feature_extractor",),
@@ -40,7 +44,7 @@ ARCHITECTURES = {
     ),
     "whisper": Architecture(
         layers=("model.encoder.layers", "model.decoder.layers"), heads=("proj_out",),
-        lora_targets=("q_proj", "k_proj", "v_proj", "out_proj"),
+        lora_targets=("q_proj", "k_proj", "v_proj", "out_proj"), pretrained_head=True,
     ),
     "vit": Architecture(layers=("vit.layers|vit.encoder.layer",), heads=("classifier",), lora_targets=("q_proj", "v_proj")),
 }

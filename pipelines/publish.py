@@ -71,6 +71,12 @@ def select_files(folder: str | os.PathLike, include_checkpoints: bool = False) -
                         "save the model with safetensors (save_pretrained does by default) and publish again")
     if pickles:
         logger.warning("not publishing pickle files %s (the safetensors weights are published)", pickles)
+    base = root.resolve()
+    for rel in chosen:  # a symbolic link would publish whatever it points at (a token file, /etc/...)
+        target = (root / rel).resolve()
+        if not target.is_relative_to(base):
+            raise UserError(f"refusing to publish {rel}: it leads to {target}, outside {root} (a symbolic link?); "
+                            "copy the file into the folder if it belongs to the model")
     if not chosen:
         raise UserError(f"nothing to publish in {root}: no model, tokenizer, card or report files found")
     return chosen

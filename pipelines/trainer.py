@@ -51,7 +51,7 @@ def check_output_dir(cfg: RunConfig) -> Path:
 
 def make_accelerator(cfg: RunConfig):
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     use_cpu = not torch.cuda.is_available()
     if use_cpu and cfg.mixed_precision == "fp16":
@@ -69,6 +69,8 @@ def make_accelerator(cfg: RunConfig):
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=log_with or None,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, "tensorboard")),
+        # Batches come from pinned memory on a GPU machine: copy them asynchronously, overlapping the previous step.
+        dataloader_config=DataLoaderConfiguration(non_blocking=not use_cpu),
     )
 
 
@@ -255,7 +257,6 @@ class Trainer:
                             self.plan.mask.apply()
                         grad_norm = acc.clip_grad_norm_(params, max_norm)  # None under DeepSpeed: it clips itself
                         if not torch.isfinite(torch.as_tensor(grad_norm if grad_norm is not None else loss.detach())):
-                            progress.close()  # the error then starts a line of its own, not the bar's
                             raise UserError(self._non_finite_message(state["global_step"] + 1, epoch, loss))
                     self.optimizer.step()
                     self.scheduler.step()
@@ -275,7 +276,7 @@ class Trainer:
                     mean_loss = acc.reduce(running_loss / running_batches, "mean").item()
                     record = {"step": step, "epoch": epoch, "train_loss": mean_loss,
                               "learning_rate": self.scheduler.get_last_lr()[-1],
-                              "padding_share": pads / tokens if tokens else None,
+                              "padding_share": float(pads) / tokens if tokens else None,
                               "examples_per_second": running_batches * cfg.batch_size * acc.num_processes / (time.perf_counter() - started)}
                     self.log(record)
                     progress.set_postfix(loss=f"{mean_loss:.4f}")
@@ -364,7 +365,7 @@ class Trainer:
             raise checkpoints.write_error(e, "the final model", self.out / ".tmp-final",
                                           f"the files already in {self.out} were not replaced") from None
         summary = {
-            "recipe": cfg.recipe, "model": cfg.model, "dataset": cfg.dataset or cfg.train_file, "tuning": cfg.tuning,
+            "recipe": cfg.recipe, "model": cfg.model, "dataset": cfg.train_file or cfg.dataset,  # explicit files win over the recipe's default dataset "tuning": cfg.tuning,
             "trainable_params": self.plan.trainable_params, "total_params": self.plan.total_params,
             "train_examples": self.num_train_examples, "global_step": state["global_step"], "best_checkpoint": best,
             "metric_for_best": self.metric_for_best, "results": results, "config_hash": config_hash(cfg),
@@ -393,7 +394,10 @@ class Trainer:
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            # An adapter saves LoRA weights and modules_to_save (the new heads), never the embeddings:
+            # peft's "auto" asks for input embeddings, which CTC models do not have.
+            extra = {"save_embedding_layers": False} if self.cfg.tuning == "lora" else {}
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, **extra)
             self.processor.save_pretrained(tmp)
             if self.cfg.tuning == "lora":
                 # No config.json beside the adapter: transformers would take the folder for a full

@@ -144,7 +144,7 @@ def _apply_lora(model, arch: Architecture, cfg, task_type):
 
     targets = list(cfg.lora_target_modules or arch.lora_targets)
     present = {n for n, _ in model.named_modules()}
-    heads = [h for h in arch.heads if h in present]
+    heads = [h for h in arch.heads if h in present and not arch.pretrained_head]
     lora_config = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,

@@ -4,8 +4,9 @@ One recipe, two model families, picked from the checkpoint's `model_type`:
 
 - CTC (wav2vec2, hubert, ...; AutoModelForCTC), default `facebook/wav2vec2-base`. When the
   checkpoint has no tokenizer (pretrained-only checkpoints such as wav2vec2-base), a character
-  vocabulary is built from the transcripts (`<pad>`=0 is the CTC blank, `<unk>`, `|` the word
-  delimiter, then every character seen), written as vocab.json beside the model at the end, so
+  vocabulary is built from the transcripts of every split (`<pad>`=0 is the CTC blank, `<unk>`, `|`
+  the word delimiter, then every character seen; so references decode exactly, while a character
+  only evaluation data holds is never learned), written as vocab.json beside the model, so
   `AutoProcessor.from_pretrained(OUTPUT_DIR)` works. A new `lm_head` of that size is created
   (ignore_mismatched_sizes), `ctc_loss_reduction="mean"`, `ctc_zero_infinity=True` (a transcript
   longer than its audio's frames gives a zero loss instead of inf), `layerdrop=0` (LayerDrop skips
@@ -17,7 +18,9 @@ One recipe, two model families, picked from the checkpoint's `model_type`:
   Options `--language` (default english) and `--task` (transcribe|translate) set the decoder prompt of
   multilingual checkpoints; English-only (`*.en`) checkpoints ignore them. Labels are the tokenizer's
   ids without the leading <|startoftranscript|> (the model prepends it when it shifts the labels right).
-  Evaluation generates (`--num-beams`, `--max-new-tokens`; synced_gpus under ZeRO-3/FSDP).
+  Evaluation generates (`--num-beams`, `--max-new-tokens`; synced_gpus under ZeRO-3/FSDP), reusing
+  the encoder output of the trainer's loss forward pass. Checkpoints are loaded in float32 (a float16
+  copy such as shared/models/whisper-tiny.en would otherwise load as float16).
   LoRA uses no peft task type: peft's SEQ_2_SEQ_LM wrapper passes `input_ids`, which Whisper lacks.
 
 Audio: a local folder in `audiofolder` layout (audio files plus metadata.jsonl/.csv with `file_name`
@@ -30,7 +33,10 @@ is reported by name (one line each) and skipped; a split where every file is unr
 Train clips shorter than `--min-audio-seconds` or longer than `--max-audio-seconds` (default 30 s
 for Whisper, whose encoder sees 30 s windows; 20 s for CTC, to bound memory) are dropped, with
 counts printed. Evaluation splits keep every readable clip, so their scores stay comparable across
-settings (a Whisper clip over 30 s is scored on its first 30 s, and a count says so).
+settings (a Whisper clip over 30 s is scored on its first 30 s, and a count says so); only a Whisper
+transcript longer than the decoder's positions is dropped from every split, with a count, since the
+forward pass cannot take it. The default train split is LibriSpeech's `train.100`; a dataset without
+it but with a `train` split trains on `train`.
 
 Metrics: corpus WER and CER (pipelines/metrics wer_cer, jiwer) after the same normalisation of
 hypotheses and references, chosen with `--normalizer` and described in `recipe.normalization`:
@@ -191,6 +197,12 @@ def _read_metadata(path: Path) -> list:
 # ------------------------------------------------------------------------------------------ helpers
 
 
+def say(message: str) -> None:
+    """Print once per machine (local rank 0), not once per process."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(message, flush=True)
+
+
 def synced_gpus() -> bool:
     """generate() must keep every process stepping when weights are sharded (DeepSpeed ZeRO-3, FSDP)."""
     from accelerate.state import AcceleratorState
@@ -262,7 +274,6 @@ class AsrRecipe(Recipe):
         "warmup_steps": 500,
         "weight_decay": 0.005,
         "max_new_tokens": 225,
-        "pad_to_multiple_of": None,
     }
     extra_options = (
         ("language", "english", "Whisper: spoken language of the audio (multilingual checkpoints only)"),
@@ -349,14 +360,14 @@ class AsrRecipe(Recipe):
             # Pretrained-only checkpoints have no tokenizer: characters of the transcripts, every split's
             # (so references decode exactly; a character only the evaluation splits hold is never learned).
             tokenizer = build_ctc_tokenizer(t for texts in transcripts.values() for t in texts)
-            print(f"asr: {cfg.model} has no CTC tokenizer; built a character vocabulary of {len(tokenizer)} symbols "
+            say(f"asr: {cfg.model} has no CTC tokenizer; built a character vocabulary of {len(tokenizer)} symbols "
                   "from the transcripts (saved as vocab.json with the model)")
         else:
             vocab = tokenizer.get_vocab()
             delimiter = tokenizer.word_delimiter_token
             unknown = sorted({ch for t in transcripts["train"] for ch in t if ch != " " and ch not in vocab})
             if unknown:
-                print(f"asr: warning: characters of the train transcripts missing from {cfg.model}'s vocabulary "
+                say(f"asr: warning: characters of the train transcripts missing from {cfg.model}'s vocabulary "
                       f"(they become {tokenizer.unk_token}): {''.join(unknown)[:80]!r}; "
                       f"word delimiter is {delimiter!r}")
         processor = Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer)
@@ -398,7 +409,7 @@ class AsrRecipe(Recipe):
             self.generate_kwargs = {"language": language, "task": task}
             generation.forced_decoder_ids = None  # the prompt comes from language/task, not a fixed list
         elif task != "transcribe" or language not in ("english", "en"):
-            print(f"asr: {cfg.model} is English-only; --language {language} and --task {task} are ignored")
+            say(f"asr: {cfg.model} is English-only; --language {language} and --task {task} are ignored")
         self.decoder_start = model.config.decoder_start_token_id
         self.max_target_positions = model.config.max_target_positions
         self.max_audio_default = float(getattr(processor.feature_extractor, "chunk_length", 30) or 30)
@@ -461,50 +472,38 @@ class AsrRecipe(Recipe):
     def _filter(self, split, ds, rate, min_seconds, max_seconds):
         """Report problems by name (from the cached columns, so a cached run reports them too), then drop.
 
-        Every split loses its unreadable and zero-length clips; only train is filtered by duration (and,
-        for Whisper, by transcript length), so evaluation scores stay comparable across settings."""
+        Every split loses its unreadable and zero-length clips and, for Whisper, transcripts longer than
+        the decoder's positions (its forward pass cannot take them). Only train is filtered by duration,
+        so evaluation scores stay comparable across settings."""
         problems, names, lengths = ds["problem"], ds["name"], ds["length"]
         bad = [i for i, p in enumerate(problems) if p]
         for i in bad:
-            print(f"asr: {split}: skipping {names[i]}: {problems[i]}")
+            say(f"asr: {split}: skipping {names[i]}: {problems[i]}")
         if bad and len(bad) == len(ds):
             raise UserError(f"every audio file of the {split} split is unreadable or empty "
                             f"({len(bad)} files; the first: {names[bad[0]]}: {problems[bad[0]]})")
+        unreadable = sum(1 for i in bad if problems[i].startswith("unreadable"))
+        parts = [f"{unreadable} unreadable", f"{len(bad) - unreadable} zero-length"]
         keep = [i for i, p in enumerate(problems) if not p]
-        counts = {"unreadable": sum(1 for i in bad if problems[i].startswith("unreadable")),
-                  "zero-length": sum(1 for i in bad if problems[i].startswith("zero-length"))}
-        too_short = too_long = labels_too_long = 0
         if split == "train":
-            label_limit = self.max_target_positions if self.family == "whisper" else None
-            label_lengths = [len(x) for x in ds["labels"]] if label_limit else None
-            kept = []
-            for i in keep:
-                seconds = lengths[i] / rate
-                if min_seconds and seconds < min_seconds:
-                    too_short += 1
-                elif max_seconds and seconds > max_seconds:
-                    too_long += 1
-                elif label_limit and label_lengths[i] > label_limit:
-                    labels_too_long += 1
-                else:
-                    kept.append(i)
-            keep = kept
-            if not keep:
-                raise UserError(f"no train clip is left after the length filters ({too_short} shorter than "
-                                f"{min_seconds} s, {too_long} longer than {max_seconds} s): "
-                                "adjust --min-audio-seconds / --max-audio-seconds")
-        summary = (f"asr: {split}: kept {len(keep)} of {len(ds)} clips ({counts['unreadable']} unreadable, "
-                   f"{counts['zero-length']} zero-length")
-        if split == "train":
-            summary += f", {too_short} shorter than {min_seconds} s, {too_long} longer than {max_seconds} s"
-            if self.family == "whisper":
-                summary += f", {labels_too_long} with transcripts over {self.max_target_positions} tokens"
-        elif self.family == "whisper":
+            too_short = [i for i in keep if min_seconds and lengths[i] / rate < min_seconds]
+            too_long = [i for i in keep if max_seconds and lengths[i] / rate > max_seconds]
+            dropped = set(too_short) | set(too_long)
+            keep = [i for i in keep if i not in dropped]
+            parts += [f"{len(too_short)} shorter than {min_seconds:g} s", f"{len(too_long)} longer than {max_seconds:g} s"]
+        if self.family == "whisper":
+            label_lengths = [len(x) for x in ds["labels"]]
+            too_many = [i for i in keep if label_lengths[i] > self.max_target_positions]
+            keep = [i for i in keep if label_lengths[i] <= self.max_target_positions]
+            parts.append(f"{len(too_many)} with transcripts over {self.max_target_positions} tokens")
             window = self.max_audio_default * rate
             over = sum(1 for i in keep if lengths[i] > window)
-            if over:
-                summary += f"; {over} longer than {self.max_audio_default:g} s are scored on their first {self.max_audio_default:g} s"
-        print(summary + ")")
+            if over and split != "train":
+                parts.append(f"{over} longer than {self.max_audio_default:g} s, scored on their first {self.max_audio_default:g} s")
+        if not keep:
+            raise UserError(f"no clip of the {split} split is left after the filters ({', '.join(parts)}): "
+                            "adjust --min-audio-seconds / --max-audio-seconds")
+        say(f"asr: {split}: kept {len(keep)} of {len(ds)} clips ({', '.join(parts)})")
         if len(keep) != len(ds):
             ds = ds.select(keep)
         return ds

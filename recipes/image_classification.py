@@ -26,12 +26,19 @@ from __future__ import annotations
 
 import io
 import math
+import os
 
 from pipelines.errors import UserError
 from pipelines.recipe import Recipe, classification_statistic, encode_labels, label_names_for, resolve_column
 
 AUGMENTATIONS = ("crop-flip", "none")
 RATIO = (3 / 4, 4 / 3)
+
+
+def say(message: str) -> None:
+    """Print once per machine (local rank 0), not once per process."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(message, flush=True)
 
 
 def open_image(value):
@@ -171,7 +178,7 @@ class ImageClassificationRecipe(Recipe):
         ("augmentation", "crop-flip", "training augmentation: crop-flip (random resized crop + horizontal flip) or none"),
         ("crop_scale_min", 0.08, "smallest share of the image area a random crop keeps"),
     )
-    image_candidates = ("image", "img", "picture", "pixel_values")
+    image_candidates = ("image", "img", "picture")
     label_candidates = ("label", "labels", "category")
 
     def load(self, cfg, splits):
@@ -232,18 +239,19 @@ class ImageClassificationRecipe(Recipe):
         self.kept_names = {}  # id(raw split) -> file names of the examples kept, for the report's example rows
         for split, ds in splits.items():
             raw_id = id(ds)
-            ds = ds.cast_column(image, datasets.Image(decode=False)).map(check, batched=True, batch_size=256, with_indices=True, remove_columns=ds.column_names,
+            ds = ds.cast_column(image, datasets.Image(decode=False))
+            ds = ds.map(check, batched=True, batch_size=256, with_indices=True, remove_columns=ds.column_names,
                         features=features, desc=f"checking {split} images",
                         fn_kwargs={"split": split, "augment": split == "train"})
             problems, names = ds["problem"], ds["name"]
             bad = [i for i, p in enumerate(problems) if p]
             for i in bad:  # printed from the cached columns, so a cached run reports them too
-                print(f"image-classification: {split}: skipping {names[i]}: {problems[i]}")
+                say(f"image-classification: {split}: skipping {names[i]}: {problems[i]}")
             if bad and len(bad) == len(ds):
                 raise UserError(f"every image of the {split} split is unreadable ({len(bad)} files; the first: "
                                 f"{names[bad[0]]}: {problems[bad[0]]})")
             if bad:
-                print(f"image-classification: {split}: kept {len(ds) - len(bad)} of {len(ds)} images ({len(bad)} unreadable)")
+                say(f"image-classification: {split}: kept {len(ds) - len(bad)} of {len(ds)} images ({len(bad)} unreadable)")
                 ds = ds.select([i for i, p in enumerate(problems) if not p])
             self.kept_names[raw_id] = list(ds["name"])
             encoded[split] = ds.remove_columns(["problem", "name"])

@@ -65,7 +65,7 @@ class SentimentRecipe(Recipe):
 
         encoded = splits.map(encode, batched=True, remove_columns=splits["train"].column_names,
                              desc="tokenizing")
-        counts = {split: sum(ds["truncated"]) for split, ds in encoded.items()}
+        counts = {split: sum(ds["truncated"][:]) for split, ds in encoded.items()}  # [:]: one list, not a per-row read
         if sum(counts.values()) and os.environ.get("RANK", "0") == "0":  # a count, not an error: once, by rank 0
             detail = ", ".join(f"{split} {n} of {len(encoded[split])}" for split, n in counts.items() if n)
             print(f"sentiment: {sum(counts.values())} texts were longer than max_length={max_length} tokens and were "

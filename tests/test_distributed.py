@@ -12,6 +12,7 @@ Models are tiny and dropout is off, so the processes' RNG streams cannot make th
 
 import json
 import math
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -104,7 +105,8 @@ def test_ddp_weights_match_one_process_with_the_same_global_batch(sentiment_runs
     moved = max((one[k] - initial[k]).abs().max().item() for k in one)
     assert moved > 1e-3, "training must have changed the weights for the comparison to mean anything"
     worst = max((two[k] - one[k]).abs().max().item() for k in one)
-    # Measured: 1.2e-07 (float32 rounding: different padding per sub-batch, all-reduce order).
+    # Measured: 1.2e-07 to 1.6e-07, for weights that moved up to 6e-03 (float32 rounding: other padding
+    # per sub-batch, the all-reduce's summation order).
     assert worst < 1e-5, worst
     assert summary(sentiment_runs["two"])["global_step"] == summary(sentiment_runs["one"])["global_step"] == 15
 
@@ -141,6 +143,7 @@ def test_ddp_only_the_main_process_writes(sentiment_runs):
     # Each process saves its own RNG state into the checkpoint; everything else comes from rank 0 once.
     assert sorted(p.name for p in checkpoint.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
     assert sentiment_runs["stdout"].count("done: model and reports in") == 1
+    assert sentiment_runs["stdout"].count("sentiment: trainable parameters") == 1  # accelerator.print: rank 0 only
 
 
 # ---------------------------------------------------------------------------------- seq2seq
@@ -206,6 +209,64 @@ def test_ddp_ctc(tmp_path):
     assert one["samples"] == 5
     for key, value in results.items():
         assert one[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+# ---------------------------------------------------------------------------------- engines (no GPU)
+
+
+def fake_accelerator(kind, fsdp_version=2, use_orig_params=None, zero_stage=2, processes=8):
+    """What prepare_engine reads from an Accelerator, for engines this machine cannot run."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    state = SimpleNamespace(
+        fsdp_plugin=SimpleNamespace(fsdp_version=fsdp_version, use_orig_params=use_orig_params),
+        deepspeed_plugin=SimpleNamespace(zero_stage=zero_stage, deepspeed_config={"gradient_clipping": "auto"}))
+    return SimpleNamespace(distributed_type=DistributedType(kind), state=state, num_processes=processes)
+
+
+@pytest.mark.parametrize("kind, options, tuning, extra, error", [
+    ("FSDP", dict(fsdp_version=1, use_orig_params=False), "lora", {}, "fsdp_use_orig_params: true"),
+    ("FSDP", dict(fsdp_version=1, use_orig_params=False), "last-n", {}, "fsdp_use_orig_params: true"),
+    ("FSDP", dict(fsdp_version=1, use_orig_params=True), "lora", {}, None),
+    ("FSDP", dict(fsdp_version=2), "lora", {}, None),
+    ("FSDP", dict(fsdp_version=1, use_orig_params=False), "full", {}, None),
+    ("FSDP", dict(fsdp_version=2), "lora", {"merge_lora": True}, "--merge-lora cannot merge adapters into weights sharded by FSDP2"),
+    ("DEEPSPEED", dict(zero_stage=3), "lora", {"merge_lora": True}, "sharded by DeepSpeed ZeRO-3"),
+    ("DEEPSPEED", dict(zero_stage=2), "lora", {"merge_lora": True}, None),
+    ("MULTI_GPU", {}, "lora", {"merge_lora": True}, None),
+])
+def test_strategy_and_engine_that_cannot_combine_fail_at_setup(kind, options, tuning, extra, error):
+    from types import SimpleNamespace
+
+    from pipelines.config import RunConfig
+    from pipelines.distributed import prepare_engine
+    from pipelines.errors import UserError
+
+    accelerator = fake_accelerator(kind, **options)
+    frozen = tuning != "full"
+    plan = SimpleNamespace(trainable_params=10 if frozen else 100, total_params=100)
+    cfg = RunConfig(tuning=tuning, **extra)
+    if error:
+        with pytest.raises(UserError, match=re.escape(error)):
+            prepare_engine(accelerator, plan, cfg)
+    else:
+        prepare_engine(accelerator, plan, cfg)
+
+
+@pytest.mark.parametrize("max_grad_norm, expected", [(1.0, 1.0), (0.5, 0.5), (None, 0.0), (0.0, 0.0)])
+def test_deepspeed_clips_with_the_runs_max_grad_norm(max_grad_norm, expected):
+    """DeepSpeed clips inside its engine (accelerator.clip_grad_norm_ does nothing there): the trainer
+    hands it --max-grad-norm instead of letting "auto" become DeepSpeed's own 1.0."""
+    from types import SimpleNamespace
+
+    from pipelines.config import RunConfig
+    from pipelines.distributed import prepare_engine
+
+    accelerator = fake_accelerator("DEEPSPEED")
+    prepare_engine(accelerator, SimpleNamespace(trainable_params=1, total_params=1), RunConfig(max_grad_norm=max_grad_norm))
+    assert accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] == expected
 
 
 if __name__ == "__main__":

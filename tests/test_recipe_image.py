@@ -50,7 +50,7 @@ def trained(tiny_vit, tmp_path_factory):
     out = root / "out"
     result = run_script(["--recipe", "image-classification", "--model", tiny_vit, "--dataset", data,
                          "--output-dir", out, "--max-steps", 39, "--batch-size", 16, "--eval-batch-size", 25,
-                         "--learning-rate", 2e-3, "--warmup-steps", 0, "--logging-steps", 3,
+                         "--learning-rate", 3e-3, "--crop-scale-min", 0.5, "--warmup-steps", 0, "--logging-steps", 3,
                          "--save-checkpoints", "false", "--bootstrap-samples", 0])
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     return data, out, result
