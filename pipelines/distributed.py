@@ -89,3 +89,20 @@ def parameter_fingerprints(accelerator, model) -> list | None:
         total[1] += (values * values).sum()
     gathered = accelerator.gather(total.unsqueeze(0)).view(-1, 2).cpu().tolist()
     return [{"rank": rank, "sum": s, "sum_of_squares": q} for rank, (s, q) in enumerate(gathered)]
+
+
+def synced_gpus() -> bool:
+    """generate() must keep every process stepping when weights are sharded (DeepSpeed ZeRO-3, FSDP):
+    a process that finished early still has to take part in the others' forward passes."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    state = AcceleratorState()
+    if state.num_processes < 2:
+        return False
+    if state.distributed_type == DistributedType.FSDP:
+        return True
+    if state.distributed_type == DistributedType.DEEPSPEED:
+        plugin = state.deepspeed_plugin
+        return plugin is not None and plugin.zero_stage == 3
+    return False

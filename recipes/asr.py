@@ -57,6 +57,7 @@ import re
 import unicodedata
 from pathlib import Path
 
+from pipelines.distributed import synced_gpus
 from pipelines.errors import UserError
 from pipelines.recipe import Recipe, resolve_column
 
@@ -201,22 +202,6 @@ def say(message: str) -> None:
     """Print once per machine (local rank 0), not once per process."""
     if os.environ.get("LOCAL_RANK", "0") == "0":
         print(message, flush=True)
-
-
-def synced_gpus() -> bool:
-    """generate() must keep every process stepping when weights are sharded (DeepSpeed ZeRO-3, FSDP)."""
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedType
-
-    state = AcceleratorState()
-    if state.num_processes < 2:
-        return False
-    if state.distributed_type == DistributedType.FSDP:
-        return True
-    if state.distributed_type == DistributedType.DEEPSPEED:
-        plugin = state.deepspeed_plugin
-        return plugin is not None and plugin.zero_stage == 3
-    return False
 
 
 def _seconds_option(cfg, name: str, default: float | None) -> float | None:

@@ -11,28 +11,12 @@ sets), which makes it a noisy signal for early stopping and best-checkpoint sele
 
 from __future__ import annotations
 
+from pipelines.distributed import synced_gpus
 from pipelines.errors import UserError
 from pipelines.recipe import Recipe, resolve_column
 
 # Families pre-trained with task prefixes ("summarize: ", "translate English to German: ", ...).
 PREFIX_FAMILIES = ("t5",)
-
-
-def synced_gpus() -> bool:
-    """generate() must keep every process stepping when weights are sharded (DeepSpeed ZeRO-3, FSDP):
-    a process that finished early still has to take part in the others' forward passes."""
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedType
-
-    state = AcceleratorState()
-    if state.num_processes < 2:
-        return False
-    if state.distributed_type == DistributedType.FSDP:
-        return True
-    if state.distributed_type == DistributedType.DEEPSPEED:
-        plugin = state.deepspeed_plugin
-        return plugin is not None and plugin.zero_stage == 3
-    return False
 
 
 class SummarizationRecipe(Recipe):
