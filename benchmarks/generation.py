@@ -1,8 +1,8 @@
 """Evaluation with generation: batched and length-sorted against one example at a time.
 
-`generate_sorted` is what a recipe's evaluation should do: sort the examples by input length
-(longest first, so the largest batch shapes come first and padding inside a batch is small), cut
-into batches, generate, and put the outputs back in the original order. `generate_one_by_one` is the
+`generate_sorted` is what our evaluation does (pipelines/trainer.py `eval_loader` and `evaluate`): read
+the examples longest first (so a batch holds examples of similar length and pads little), cut into
+batches, generate, and put the outputs back in dataset order. `generate_one_by_one` is the
 reference. Both return, per example, the generated token ids cut at the first end-of-sequence token
 (padding after it removed), so the two can be compared for identity.
 
@@ -24,12 +24,15 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(REPO))
 from common import write_json  # noqa: E402
 
 
 def length_sorted_batches(lengths, batch_size: int) -> list:
-    """Index batches, longest examples first; ties keep their original order (stable sort)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    """Index batches in the order our evaluation reads examples (pipelines.batching.longest_first)."""
+    from pipelines.batching import longest_first
+
+    order = longest_first(lengths)
     return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
 
 

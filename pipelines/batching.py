@@ -66,3 +66,19 @@ def padding_share(batch: dict, pad_id: int | None, key: str = "input_ids") -> tu
     else:
         pads = (ids == pad_id).sum()
     return pads, ids.numel()
+
+
+def longest_first(lengths) -> list:
+    """Indices by decreasing length, ties in dataset order: the order evaluation batches examples in."""
+    lengths = list(lengths[:])  # one read of a datasets Column, not one per element
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
+def in_dataset_order(values: list, order: list) -> list:
+    """Per-example values read in `order` (values[k] belongs to example order[k]), back in dataset order."""
+    if len(values) != len(order):
+        raise ValueError(f"{len(values)} outputs for {len(order)} examples")
+    restored = [None] * len(order)
+    for value, index in zip(values, order):
+        restored[index] = value
+    return restored

@@ -121,3 +121,31 @@ def test_the_step_timer_records_every_optimizer_step(tmp_path):
     assert len(data["step_times"]) == 3
     assert data["process_start"] <= data["step_times"][0] <= data["step_times"][-1]
     assert data["maxrss_at_last_step_kb"] > 0
+
+
+def test_the_heap_reader_sees_a_tensor_come_and_go():
+    import steptimer
+
+    in_use = steptimer.heap_reader()
+    assert in_use is not None, "glibc >= 2.33 has mallinfo2"
+    before = in_use()
+    block = torch.ones(64, 2**20 // 4)  # 64 MiB
+    held = in_use()
+    del block
+    assert held - before >= 64 * 2**20
+    assert in_use() < held - 32 * 2**20
+
+
+def test_the_step_timer_records_the_peak_heap_of_training(tmp_path):
+    import subprocess
+
+    path = tmp_path / "timing.json"
+    # a forward pass that holds a 128 MiB activation at its peak, freed before the optimizer step
+    code = ("import steptimer, torch\n"
+            "lin = torch.nn.Linear(1024, 1024); opt = torch.optim.SGD(lin.parameters(), lr=0.1)\n"
+            "x = torch.ones(32 * 1024, 1024)\n"
+            "lin(x).sum().backward(); del x; opt.step()\n")
+    env = {"BENCH_TIMING_FILE": str(path), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(BENCHMARKS)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+    data = json.loads(path.read_text())
+    assert data["peak_heap_at_last_step_bytes"] >= 2 * 128 * 2**20  # the input and the output of the layer
