@@ -7,12 +7,16 @@ rename, after every process has written its part and `trainer_state.json` is in 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
 from pathlib import Path
 
 STATE_FILE = "trainer_state.json"
+# Errors only a write gives: a full disk or quota, the file-size limit, a read-only file system.
+WRITE_ONLY_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
 def checkpoint_name(step: int) -> str:
@@ -58,11 +62,43 @@ def is_write_error(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and any(k in text for k in ("inline_container", "PytorchStreamWriter", "file write failed"))
 
 
-def write_error(e: BaseException, what: str, where: Path, kept: str) -> "UserError":
+def is_output_write_error(e: BaseException, out) -> bool:
+    """An OSError from writing the run's own files: one that only a write gives, or a refused path
+    inside the output folder `out` (permissions, a file where a folder should be). A dataset or model
+    file that cannot be read is not one, nor is a missing file (a read: e.g. --resume)."""
+    if not isinstance(e, OSError):
+        return False
+    if e.errno in WRITE_ONLY_ERRNOS:
+        return True
+    if out is None or isinstance(e, FileNotFoundError):
+        return False
+    root = Path(out).resolve()
+    for name in (e.filename, e.filename2):
+        if isinstance(name, (str, bytes, os.PathLike)):  # not a file descriptor
+            path = Path(os.fsdecode(name)).resolve()
+            if path == root or root in path.parents:
+                return True
+    return False
+
+
+@contextlib.contextmanager
+def naming(path):
+    """Python reports a failed write() or close() (a full disk) without the file's name: add it."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+
+
+def write_error(e: BaseException, what: str, where: Path, kept: str, again: str = "run again") -> "UserError":
     from pipelines.errors import UserError
 
     if isinstance(e, OSError) and e.strerror:
-        reason = e.strerror + (f" ({e.filename})" if e.filename else "")
+        name = os.fsdecode(e.filename) if isinstance(e.filename, (str, bytes, os.PathLike)) else None
+        said = (str(where), str(Path(where) / what))  # not the same path twice
+        reason = e.strerror + (f" ({name})" if name and name not in said else "")
     else:
         reason = " ".join(str(e).split())[:200]
         try:
@@ -70,7 +106,7 @@ def write_error(e: BaseException, what: str, where: Path, kept: str) -> "UserErr
         except OSError:
             pass
     return UserError(f"could not write {what} to {where}: {reason}. {kept[:1].upper()}{kept[1:]}; "
-                     "free disk space or fix the folder's permissions, then run again")
+                     f"free disk space or fix the folder's permissions, then {again}")
 
 
 def _save(accelerator, out: Path, state: dict) -> Path:

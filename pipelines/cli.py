@@ -1,10 +1,11 @@
-"""What scripts/run.py does: parse options, train, and turn user errors into one line and exit 2."""
+"""What scripts/run.py does: parse options, train, and turn user errors and failed writes into one line and exit 2."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
+from pathlib import Path
 
 from pipelines.errors import UserError
 
@@ -26,6 +27,7 @@ def main(argv=None) -> int:
     from recipes import RECIPES
 
     quiet_libraries()
+    cfg = None
     try:
         cfg = parse_args(argv if argv is not None else sys.argv[1:], RECIPES)
         from pipelines.trainer import train
@@ -34,6 +36,13 @@ def main(argv=None) -> int:
     except UserError as e:
         _close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        message = write_failure(e, cfg.output_dir if cfg else None)
+        if message is None:  # not a failed write (a bug, or a read the code does not expect to fail): the traceback helps
+            raise
+        _close_progress_bars()
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         _close_progress_bars()
@@ -45,6 +54,25 @@ def main(argv=None) -> int:
         print(f"done: model and reports in {cfg.output_dir}; {split}: "
               + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     return 0
+
+
+def write_failure(e: OSError, out) -> str | None:
+    """The one-line message for a write of the run's files that failed (full disk, read-only folder), or None.
+
+    Checkpoints and the end of a run say what they kept themselves; every other write (the output folder,
+    run_config.json, metrics.jsonl, ...) lands here, from any entry point: none of them replaces the
+    previous finished run's files, which are therefore intact."""
+    from pipelines.checkpoints import is_output_write_error, write_error
+
+    if not is_output_write_error(e, out):
+        return None
+    path = Path(os.fsdecode(e.filename)) if isinstance(e.filename, (str, bytes, os.PathLike)) else None
+    if path is not None:
+        path = path.with_name(path.name.removesuffix(".tmp"))  # write_json's temporary file: name the real one
+    kept = f"the previous outputs in {out} are intact" if out else "no earlier file was replaced"
+    if path is None:
+        return str(write_error(e, "the run's files", Path(out or "."), kept))
+    return str(write_error(e, path.name, path.parent, kept))
 
 
 def _close_progress_bars() -> None:

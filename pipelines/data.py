@@ -111,6 +111,8 @@ def _load_files(data_files: dict):
     except Exception as e:  # the builders raise many types; all mean "this file cannot be read"
         bad = next(iter(data_files.values())) if len(data_files) == 1 else ", ".join(data_files.values())
         cause = str(e.__cause__ or e.__context__ or e)
+        if "corresponds to no data" in cause:  # e.g. a csv with only its header line
+            raise UserError(f"data file(s) {bad} hold no rows; give a file with at least a few examples") from None
         if "column names don't match" in cause:  # datasets reads all splits into one schema
             raise UserError(f"the data files {bad} do not all have the same columns ({' '.join(cause.split())[:300]}); "
                             "give every split the same column names") from None
@@ -147,6 +149,10 @@ def load_raw_splits(cfg, folder_builder: str | None = None):
     elif source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise UserError(f"dataset folder or file not found: {source}")
     else:
+        from pipelines.hub_access import check_hub_reachable
+
+        # Seconds, not a minute of datasets' retries, when the Hub cannot be reached.
+        check_hub_reachable(source, "dataset", HUB_HINT, revision=cfg.dataset_revision, repo_type="dataset")
         try:
             raw = datasets.load_dataset(source, cfg.dataset_config, revision=cfg.dataset_revision)
         except Exception as e:
@@ -185,10 +191,19 @@ def arrange_splits(raw, cfg):
         splits["validation"] = raw[cfg.validation_split]
     if cfg.test_split and cfg.test_split in raw:
         splits["test"] = raw[cfg.test_split]
+    source = cfg.train_file or cfg.dataset
+    if len(splits["train"]) == 0:  # before carving a validation split, whose error would be a raw ValueError
+        raise UserError(f"the train split of {source} is empty; give a train file with examples")
     if "validation" not in splits:
         if cfg.validation_fraction <= 0:
             raise UserError("dataset has no validation split; set --validation-split or --validation-fraction")
-        parts = splits["train"].train_test_split(test_size=cfg.validation_fraction, seed=cfg.seed)
+        try:
+            parts = splits["train"].train_test_split(test_size=cfg.validation_fraction, seed=cfg.seed)
+        except ValueError:  # one side of the split would be empty
+            raise UserError(
+                f"the train split of {source} has {len(splits['train'])} example(s): too few to carve a validation "
+                f"split from (--validation-fraction {cfg.validation_fraction}); add examples, or give a validation "
+                "file with --validation-file") from None
         splits["train"], splits["validation"] = parts["train"], parts["test"]
     if cfg.max_train_samples:
         splits["train"] = splits["train"].select(range(min(cfg.max_train_samples, len(splits["train"]))))

@@ -91,13 +91,18 @@ def parameter_fingerprints(accelerator, model) -> list | None:
     return [{"rank": rank, "sum": s, "sum_of_squares": q} for rank, (s, q) in enumerate(gathered)]
 
 
-def synced_gpus() -> bool:
+def synced_gpus(state=None) -> bool:
     """generate() must keep every process stepping when weights are sharded (DeepSpeed ZeRO-3, FSDP):
-    a process that finished early still has to take part in the others' forward passes."""
-    from accelerate.state import AcceleratorState
+    a process that finished early still has to take part in the others' forward passes.
+
+    `state`: Accelerate's current AcceleratorState by default; a test passes a stand-in with the same
+    three fields, since a real two-process FSDP or DeepSpeed state needs that many processes."""
     from accelerate.utils import DistributedType
 
-    state = AcceleratorState()
+    if state is None:
+        from accelerate.state import AcceleratorState
+
+        state = AcceleratorState()
     if state.num_processes < 2:
         return False
     if state.distributed_type == DistributedType.FSDP:

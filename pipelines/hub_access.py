@@ -6,12 +6,13 @@ is not in the local cache, one TCP connection to the endpoint (3 s at most) tell
 answer at all; if not, the run stops with one line that says how to work without it.
 
 Not probed: offline mode (HF_HUB_OFFLINE=1: the libraries use the cache and never connect), models
-already in the cache (the libraries fall back to it), and machines behind a proxy (the endpoint
+and datasets already in the cache (the libraries fall back to it), and machines behind a proxy (the endpoint
 itself is not reachable directly there, but the proxy may be).
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import socket
 from urllib.parse import urlsplit
@@ -34,14 +35,31 @@ def endpoint_error(endpoint: str, timeout: float = 3.0) -> str | None:
     return None
 
 
-def check_hub_reachable(repo_id: str, what: str, hint: str, revision: str | None = None) -> None:
+def in_datasets_cache(repo_id: str) -> bool:
+    """True when `datasets` holds a prepared copy of the Hub dataset, which load_dataset falls back to
+    when the Hub does not answer (datasets.load.CachedDatasetModuleFactory: namespace___name/config/version/hash)."""
+    from datasets import config
+    from datasets.naming import camelcase_to_snakecase
+
+    parts = repo_id.split("/")
+    parts[-1] = camelcase_to_snakecase(parts[-1])
+    root = os.path.join(os.path.expanduser(str(config.HF_DATASETS_CACHE)), "___".join(parts))
+    return any(os.path.isdir(p) for p in glob.glob(os.path.join(root, "*", "*", "*")))
+
+
+def check_hub_reachable(repo_id: str, what: str, hint: str, revision: str | None = None, repo_type: str = "model") -> None:
     """Raise a UserError now if `repo_id` would have to come from a Hub endpoint that cannot be reached."""
     from huggingface_hub import constants, try_to_load_from_cache
 
     if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in PROXY_VARIABLES):
         return
     try:
-        if isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str):
+        if repo_type == "dataset":
+            from datasets import config
+
+            if config.HF_HUB_OFFLINE or in_datasets_cache(repo_id):  # HF_DATASETS_OFFLINE counts too
+                return
+        elif isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str):
             return
     except Exception:  # an id the cache cannot even look up: let the loader say what is wrong with it
         return

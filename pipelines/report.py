@@ -123,8 +123,12 @@ def _plain(value):
 # ------------------------------------------------------------------------------------------------ plots
 def _save(fig, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no partial plot behind
+        raise
 
 
 def read_log(log_path) -> list[dict]:
@@ -287,7 +291,7 @@ def write_report(out_dir, cfg, recipe, split: str, metrics: dict, gathered: dict
     warning (in the report and on stderr), never as a failed run: the model is already saved.
     """
     from pipelines.config import config_hash
-    from pipelines.trainer import write_json
+    from pipelines.trainer import write_json, write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -341,10 +345,9 @@ def write_report(out_dir, cfg, recipe, split: str, metrics: dict, gathered: dict
         **extra,
         "warnings": warnings,
     }
+    # Not inside attempt(): a report that cannot be written is a failed write (one error line), not a warning.
     write_json(out / "eval_report.json", report)
-    tmp = out / "eval_report.md.tmp"
-    tmp.write_text(render_markdown(report), encoding="utf-8")
-    os.replace(tmp, out / "eval_report.md")
+    write_text(out / "eval_report.md", render_markdown(report))
     return report
 
 

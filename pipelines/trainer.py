@@ -19,28 +19,44 @@ from pathlib import Path
 import torch
 
 from pipelines import checkpoints
-from pipelines.batching import EpochShuffleSampler, padding_share
+from pipelines.batching import EpochShuffleSampler, in_dataset_order, longest_first, padding_share
 from pipelines.config import RunConfig, config_hash, snapshot
 from pipelines.distributed import parameter_fingerprints, prepare_engine, real_examples_in_last_batch
 from pipelines.errors import UserError
 from pipelines.tuning import plan_tuning
 
 FINISHED_MARKER = "run_summary.json"  # written last: its presence means the folder holds a finished model
+# The files of a finished run besides the model, as the end of a run writes them (reports, plots, card), .tmp included.
+FINAL_PATTERNS = (FINISHED_MARKER + "*", "eval_results.json*", "eval_report.*", "*.png*", "README.md*")
 LOWER_IS_BETTER = re.compile(r"(loss|wer|cer|error)$")
 
 
 def write_json(path: Path, data) -> None:
     """Write through a temporary file and rename, so a crash never leaves half a file."""
+    write_text(path, json.dumps(data, indent=2, default=str))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Atomic like write_json; a failed write (full disk) names the file and leaves no partial .tmp behind."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, default=str)
-    os.replace(tmp, path)
+    try:
+        with checkpoints.naming(path), open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_file():
+            tmp.unlink()
+        raise
 
 
 def check_output_dir(cfg: RunConfig) -> Path:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir {out} is a file; give a folder path")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)  # the folder it would be made in
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"--output-dir {out} cannot be created: {parent} is a file; give a folder path")
     has_checkpoints = checkpoints.latest(out) is not None
     if (out / FINISHED_MARKER).exists() and not (cfg.overwrite_output_dir or cfg.resume):
         raise UserError(f"{out} already holds a finished model; pass --overwrite-output-dir to replace it, or choose another --output-dir")
@@ -102,6 +118,7 @@ class Trainer:
         self.out = check_output_dir(cfg)
         self.accelerator = make_accelerator(cfg)
         self.log_path = self.out / "metrics.jsonl"
+        self.eval_orders: dict = {}  # split -> the longest-first order its loader reads the examples in
         self.metric_for_best = cfg.metric_for_best or recipe.main_metric
         self.greater_is_better = recipe.greater_is_better if self.metric_for_best == recipe.main_metric else not LOWER_IS_BETTER.search(self.metric_for_best)
         # Progress that a checkpoint must carry for an exact resume.
@@ -134,10 +151,10 @@ class Trainer:
         # Only now, with data and model checked, touch the output folder: a bad input leaves it as it was.
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
+            write_json(self.out / "run_config.json", snapshot(cfg))  # first: if the folder takes no writes, nothing is deleted
             if cfg.overwrite_output_dir and not cfg.resume:
                 shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
                 self.log_path.unlink(missing_ok=True)
-            write_json(self.out / "run_config.json", snapshot(cfg))
 
         collate = self.recipe.collator(self.processor, cfg)
         train = self.encoded["train"]
@@ -148,11 +165,7 @@ class Trainer:
         loader_args = dict(collate_fn=collate, num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
                            generator=torch.Generator().manual_seed(cfg.seed))
         train_loader = torch.utils.data.DataLoader(_model_inputs(train), batch_size=cfg.batch_size, sampler=sampler, **loader_args)
-        eval_batch = cfg.eval_batch_size or cfg.batch_size
-        eval_loaders = {
-            split: torch.utils.data.DataLoader(_model_inputs(ds), batch_size=eval_batch, shuffle=False, **loader_args)
-            for split, ds in self.encoded.items() if split != "train"
-        }
+        eval_loaders = {split: self.eval_loader(split, ds, collate) for split, ds in self.encoded.items() if split != "train"}
 
         # Fused AdamW: one kernel per parameter instead of a dozen ops (MiniLM on CPU: 0.03 s a step, not 0.28 s);
         # transformers.Trainer's default too. Left to torch where an engine wraps the parameters (FSDP, DeepSpeed).
@@ -172,6 +185,20 @@ class Trainer:
             acc.init_trackers("tensorboard", config=scalars)
 
     # ------------------------------------------------------------------ evaluation
+    def eval_loader(self, split: str, ds, collate) -> torch.utils.data.DataLoader:
+        """The split's loader, longest examples first when the recipe records lengths: a batch then holds
+        examples of similar length, so it pads little and its generation stops soon after its longest example.
+        `evaluate` puts the per-example outputs back in dataset order."""
+        order = longest_first(ds["length"]) if "length" in ds.column_names else None
+        if order is not None:
+            ds = ds.select(order)
+            self.eval_orders[split] = order
+        cfg = self.cfg
+        # Own generator, as for training: starting an iterator draws a seed from it, not from the global RNG.
+        return torch.utils.data.DataLoader(_model_inputs(ds), batch_size=cfg.eval_batch_size or cfg.batch_size, shuffle=False,
+                                           collate_fn=collate, num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available(),
+                                           generator=torch.Generator().manual_seed(cfg.seed))
+
     @torch.no_grad()
     def evaluate(self, split: str = "validation") -> tuple[dict, dict]:
         """Metrics on a split, gathered across processes without duplicates, plus per-example outputs."""
@@ -193,6 +220,9 @@ class Trainer:
                 value = acc.gather_for_metrics(value)
                 gathered.setdefault(key, []).extend(value.cpu().numpy())
         model.train()
+        order = self.eval_orders.get(split)
+        if order is not None:  # back from longest-first to dataset order, which the reports index the raw split by
+            gathered = {key: in_dataset_order(values, order) for key, values in gathered.items()}
         metrics = self.recipe.compute_metrics(gathered, self.cfg)
         if "loss" in gathered:
             metrics["loss"] = float(sum(gathered["loss"]) / len(gathered["loss"]))
@@ -203,7 +233,7 @@ class Trainer:
     def log(self, record: dict) -> None:
         acc = self.accelerator
         if acc.is_main_process:
-            with open(self.log_path, "a", encoding="utf-8") as f:
+            with checkpoints.naming(self.log_path), open(self.log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             if acc.log_with:
                 scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
@@ -242,7 +272,7 @@ class Trainer:
             epoch = state["epoch"]
             self.train_loader.set_epoch(epoch)
             if self.plan.mask is not None and self.plan.mask.update(epoch, state["global_step"]):
-                acc.print(f"gradual unfreezing: stage {self.plan.mask.stage} from epoch {epoch}")
+                self._log_unfreeze_stage(epoch, f"from epoch {epoch}")
             loader = self.train_loader
             if state["batches_seen_in_epoch"]:
                 loader = skip_first_batches(loader, state["batches_seen_in_epoch"])
@@ -271,7 +301,7 @@ class Trainer:
                 step = state["global_step"]
                 progress.update(1)
                 if self.plan.mask is not None and cfg.unfreeze_unit == "step" and self.plan.mask.update(epoch, step):
-                    acc.print(f"gradual unfreezing: stage {self.plan.mask.stage} at step {step}")
+                    self._log_unfreeze_stage(epoch, f"at step {step}")
                 if step % cfg.logging_steps == 0 or step == self.total_steps:
                     mean_loss = acc.reduce(running_loss / running_batches, "mean").item()
                     record = {"step": step, "epoch": epoch, "train_loss": mean_loss,
@@ -298,6 +328,15 @@ class Trainer:
             self.evaluate_and_checkpoint(state["epoch"])
         progress.close()
         return self.finish()
+
+    def _log_unfreeze_stage(self, epoch: int, when: str) -> None:
+        """Every parameter requires grad under gradual unfreezing (DDP-safe), so the run's trainable count says
+        "all": say what the optimizer really moves from this stage on."""
+        mask, plan = self.plan.mask, self.plan
+        now = mask.trainable_now()
+        self.accelerator.print(f"gradual unfreezing: stage {mask.stage} {when}: {now:,} of {plan.total_params:,} "
+                               f"parameters train ({100.0 * now / max(plan.total_params, 1):.2f}%)")
+        self.log({"step": self.state["global_step"], "epoch": epoch, "unfreeze_stage": mask.stage, "trainable_params_now": now})
 
     def _non_finite_message(self, step, epoch, loss) -> str:
         best = self.state["best_checkpoint"] or checkpoints.latest(self.out)
@@ -356,63 +395,114 @@ class Trainer:
             results[split] = metrics
             if split == ("test" if "test" in self.eval_loaders else "validation"):
                 self.final_outputs = (split, gathered)
-        try:
-            self.save_final_model()
-        except Exception as e:  # disk full, read-only folder: one line; the earlier files stay as they were
-            if not checkpoints.is_write_error(e):
-                raise
-            shutil.rmtree(self.out / ".tmp-final", ignore_errors=True)
-            raise checkpoints.write_error(e, "the final model", self.out / ".tmp-final",
-                                          f"the files already in {self.out} were not replaced") from None
         summary = {
-            "recipe": cfg.recipe, "model": cfg.model, "dataset": cfg.train_file or cfg.dataset,  # explicit files win over the recipe's default dataset "tuning": cfg.tuning,
+            "recipe": cfg.recipe, "model": cfg.model,
+            "dataset": cfg.train_file or cfg.dataset,  # explicit files win over the recipe's default dataset
+            "tuning": cfg.tuning,
             "trainable_params": self.plan.trainable_params, "total_params": self.plan.total_params,
             "train_examples": self.num_train_examples, "global_step": state["global_step"], "best_checkpoint": best,
             "metric_for_best": self.metric_for_best, "results": results, "config_hash": config_hash(cfg),
         }
-        fingerprints = parameter_fingerprints(acc, self.model)  # collective: every rank sums its own replica
+        # Collective (every rank sums its own replica), and before saving: --merge-lora merges on the main process only.
+        fingerprints = parameter_fingerprints(acc, self.model)
         if fingerprints:  # DDP only: tests (and users) check that no rank drifted
             summary["rank_parameter_fingerprints"] = fingerprints
-        if acc.is_main_process:
-            write_json(self.out / "eval_results.json", results)
-            from pipelines.evaluation import publish_run, write_run_outputs
-
-            write_run_outputs(self, summary)  # eval_report.json/.md, plots, README.md (the model card)
-            write_json(self.out / FINISHED_MARKER, summary)
+        self.save_final_outputs(results, summary)
         acc.end_training()
-        if cfg.push_to_hub and acc.is_main_process:
+        if (cfg.push_to_hub or cfg.push_to_git) and acc.is_main_process:
+            from pipelines.evaluation import publish_run
+
             publish_run(self.out, cfg)
         return summary
 
-    def save_final_model(self) -> None:
-        """Save to a temporary folder, then move each file into place (each move is atomic)."""
+    def save_final_outputs(self, results: dict, summary: dict) -> None:
+        """Replace the folder's finished run (model, eval_results.json, reports, card, run_summary.json) as one unit.
+
+        The model and eval_results.json are first written to `.tmp-final`. Then the old run's files move
+        aside to `.old-final`, the old marker first; the new files move in, the reports and card are
+        written, and the marker comes last. So a kill in between leaves no run_summary.json (an unfinished
+        run), never new weights beside an old summary; and a failed write puts the old files back.
+        """
         acc = self.accelerator
         acc.wait_for_everyone()
-        unwrapped = acc.unwrap_model(self.model)
-        state_dict = acc.get_state_dict(self.model)  # full weights on the main process under FSDP/ZeRO-3
-        tmp = self.out / ".tmp-final"
+        state_dict = acc.get_state_dict(self.model)  # collective: full weights on the main process under FSDP/ZeRO-3
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            # An adapter saves LoRA weights and modules_to_save (the new heads), never the embeddings:
-            # peft's "auto" asks for input embeddings, which CTC models do not have.
-            extra = {"save_embedding_layers": False} if self.cfg.tuning == "lora" else {}
-            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, **extra)
-            self.processor.save_pretrained(tmp)
-            if self.cfg.tuning == "lora":
-                # No config.json beside the adapter: transformers would take the folder for a full
-                # model. pipeline(model=OUTPUT_DIR) loads the base named in adapter_config.json.
-                if self.cfg.merge_lora:
-                    merged = unwrapped.merge_and_unload()
-                    merged.save_pretrained(tmp / "merged", safe_serialization=True)
-                    self.processor.save_pretrained(tmp / "merged")
-            for path in sorted(tmp.rglob("*")):
-                if path.is_file():
-                    target = self.out / path.relative_to(tmp)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(path, target)
-            shutil.rmtree(tmp, ignore_errors=True)
+            tmp = self.out / ".tmp-final"
+            try:
+                self._write_final_model(tmp, state_dict)
+                write_json(tmp / "eval_results.json", results)
+            except Exception as e:  # disk full, read-only folder: one line; the earlier files stay as they were
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not checkpoints.is_write_error(e):
+                    raise
+                raise checkpoints.write_error(e, "the final model", tmp,
+                                              f"the files already in {self.out} were not replaced") from None
+            self._replace_finished_run(tmp, summary)
         acc.wait_for_everyone()
+
+    def _write_final_model(self, tmp: Path, state_dict) -> None:
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        # An adapter saves LoRA weights and modules_to_save (the new heads), never the embeddings:
+        # peft's "auto" asks for input embeddings, which CTC models do not have.
+        extra = {"save_embedding_layers": False} if self.cfg.tuning == "lora" else {}
+        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, **extra)
+        self.processor.save_pretrained(tmp)
+        if self.cfg.tuning == "lora":
+            # Beside the adapter, the base weights and the fine-tuned config.json (labels, head size), so that
+            # pipeline(model=OUTPUT_DIR) loads the run's labels (see save_lora_base).
+            from pipelines.tuning import save_lora_base
+
+            save_lora_base(unwrapped, tmp, state_dict)
+            if self.cfg.merge_lora:
+                merged = unwrapped.merge_and_unload()
+                merged.save_pretrained(tmp / "merged", safe_serialization=True)
+                self.processor.save_pretrained(tmp / "merged")
+
+    def _replace_finished_run(self, tmp: Path, summary: dict) -> None:
+        from pipelines.evaluation import write_run_outputs
+
+        out, aside = self.out, self.out / ".old-final"
+        new = [p.relative_to(tmp) for p in sorted(tmp.rglob("*")) if p.is_file()]
+
+        def run_files():  # what the end of a run writes, its .tmp files included; the marker first
+            found = [Path(p.name) for pattern in FINAL_PATTERNS for p in sorted(out.glob(pattern)) if p.is_file()]
+            return list(dict.fromkeys([*found, *(rel for rel in new if (out / rel).is_file())]))
+
+        shutil.rmtree(aside, ignore_errors=True)  # left by a run killed here
+        moved, all_moved = [], False
+        try:
+            for rel in run_files():
+                (aside / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(out / rel, aside / rel)
+                moved.append(rel)
+            all_moved = True  # from here every run file in the folder is this run's
+            for rel in new:
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp / rel, out / rel)
+            write_run_outputs(self, summary)  # eval_report.json/.md, plots, README.md (the model card)
+            write_json(out / FINISHED_MARKER, summary)
+        except BaseException as e:
+            # Put the old run back; the new model goes back to .tmp-final, so no training is lost.
+            for rel in run_files() if all_moved else []:
+                if rel in new:
+                    os.replace(out / rel, tmp / rel)
+                else:
+                    (out / rel).unlink()
+            for rel in moved:
+                os.replace(aside / rel, out / rel)
+            shutil.rmtree(aside, ignore_errors=True)
+            if not checkpoints.is_write_error(e):
+                raise
+            named = isinstance(e, OSError) and isinstance(e.filename, str)
+            what = Path(e.filename).name.removesuffix(".tmp") if named else "the reports"
+            again = ("run again with --resume: it finishes from the last checkpoint without training again"
+                     if self.cfg.save_checkpoints else "run again")
+            raise checkpoints.write_error(e, what, out, f"the previous outputs in {out} are intact "
+                                          f"(the new model is in {tmp})", again=again) from None
+        shutil.rmtree(aside, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _model_inputs(ds):

@@ -97,7 +97,10 @@ class TuningPlan:
 
     def describe(self) -> str:
         share = 100.0 * self.trainable_params / max(self.total_params, 1)
-        return f"trainable parameters: {self.trainable_params:,} of {self.total_params:,} ({share:.2f}%)"
+        text = f"trainable parameters: {self.trainable_params:,} of {self.total_params:,} ({share:.2f}%)"
+        if self.mask is not None:  # all require grad (DDP-safe); the mask decides what the optimizer moves
+            text += f"; gradual unfreezing trains {self.mask.trainable_now():,} of them in stage 1, more as layers join"
+        return text
 
 
 class GradientMask:
@@ -120,6 +123,11 @@ class GradientMask:
 
     def lowest_trained_depth(self) -> int:
         return max(self.num_layers + 2 - self.stage, 0)
+
+    def trainable_now(self) -> int:
+        """Parameters the optimizer moves at the current stage (requires_grad says all of them, for DDP)."""
+        lowest = self.lowest_trained_depth()
+        return sum(p.numel() for p, depth in self.params if depth >= lowest)
 
     def apply(self) -> None:
         lowest = self.lowest_trained_depth()
@@ -225,3 +233,32 @@ def plan_tuning(model, cfg, peft_task_type: str | None = None) -> TuningPlan:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return TuningPlan(model, param_groups, mask, trainable, total, peft_task_type)
+
+
+def save_lora_base(peft_model, folder, state_dict: dict) -> None:
+    """Write, beside an adapter saved in `folder`, the base weights it applies to and the fine-tuned config.json.
+
+    Without a config.json, transformers' pipeline(model=folder) builds the base named in adapter_config.json
+    with the base's own config: labels come out as LABEL_0, LABEL_1, and a head of another size fails to load.
+    With one, transformers takes the folder for "a model with its adapter": it builds the model from this
+    config and these weights, then loads the adapter (peft's lora_* matrices and the trained head).
+    """
+    peft_model.get_base_model().save_pretrained(folder, state_dict=lora_base_state_dict(state_dict),
+                                                safe_serialization=True)
+
+
+def lora_base_state_dict(state_dict: dict) -> dict:
+    """The weights of the base model under a peft LoRA model (adapters not applied), from its state dict.
+
+    peft 0.21 names them base_model.model.<module>.base_layer.<param> for a wrapped layer and
+    <module>.original_module.<param> for a modules_to_save head (its trained copy, modules_to_save.default,
+    and the lora_* matrices live in the adapter file).
+    """
+    base = {}
+    for name, tensor in state_dict.items():
+        name = name.removeprefix("base_model.model.")
+        parts = name.split(".")
+        if "modules_to_save" in parts or any(part.startswith("lora_") for part in parts):
+            continue
+        base[".".join(p for p in parts if p not in ("base_layer", "original_module"))] = tensor
+    return base

@@ -12,6 +12,11 @@
   with EFBIG, as a full disk fails with ENOSPC. It works for root too (tests here run as root, for
   whom chmod does not stop writes) and needs no privileges or mounts. The run ends with one error
   line naming the folder; the earlier checkpoints and the final model files stay byte-identical.
+  The small files written late (the model card) or early (run_config.json) are refused instead by a
+  folder standing where their temporary file must go, as a read-only folder refuses them: exit 2,
+  one error line naming the file, the previous run's files put back or never touched.
+- The end of a run replaces the previous finished run as a unit: killed in the middle, the folder
+  never shows the new weights beside the old run_summary.json.
 """
 
 import hashlib
@@ -251,3 +256,72 @@ def test_failed_write_is_one_clear_error_and_leaves_earlier_files_untouched(setu
     done = run_script(run)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "run_summary.json").read_text())["global_step"] == 25
+
+
+def test_failed_late_write_puts_the_previous_run_back(setup, uninterrupted, tmp_path):
+    """The card is the last file before run_summary.json: when its write fails, the new model has already
+    moved into the folder, so the old run must be put back. Resumed at step 20 and finished at 22 without
+    checkpoints, the run writes nothing but its logs before its end."""
+    root, args = setup
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    before = hashes(out, skip=RUN_LOGS)
+    (out / "README.md.tmp").mkdir()  # the card's temporary file cannot be created: EISDIR
+    run = [*args, "--max-steps", "22", "--save-checkpoints", "false", "--resume", "--output-dir", out]
+    done = run_script(run)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-5000:]
+    (line,) = error_lines(done.stderr)
+    assert f"could not write README.md to {out}: Is a directory" in line
+    assert f"previous outputs in {out} are intact (the new model is in {out / '.tmp-final'})" in line
+    assert hashes(out, skip=(*RUN_LOGS, ".tmp-final")) == before  # old weights, reports, card and marker
+    assert not (out / ".old-final").exists()
+    new_weights = tmp_path / "new.safetensors"
+    shutil.copyfile(out / ".tmp-final" / "model.safetensors", new_weights)
+    assert hashes(out / ".tmp-final")["model.safetensors"] != before["model.safetensors"]  # 2 more steps
+
+    # Once the folder takes writes again, the same command finishes: the same weights, now in place.
+    (out / "README.md.tmp").rmdir()
+    done = run_script(run)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "run_summary.json").read_text())["global_step"] == 22
+    assert_same_weights(out / "model.safetensors", new_weights)
+    assert not (out / ".tmp-final").exists() and not (out / ".old-final").exists()
+
+
+def test_failed_early_write_is_one_error_line_and_deletes_nothing(setup, uninterrupted, tmp_path, capsys):
+    """run_config.json, the first file a run writes, before --overwrite-output-dir deletes the old
+    checkpoints and log: refused, the previous run stays whole, logs and checkpoints included."""
+    from pipelines import cli
+
+    root, args = setup
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    (out / "run_config.json.tmp").mkdir()
+    before = hashes(out)
+    assert cli.main([str(a) for a in [*args, "--max-steps", "2", "--output-dir", out, "--overwrite-output-dir"]]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert f"could not write run_config.json to {out}: Is a directory" in line
+    assert f"previous outputs in {out} are intact" in line
+    assert hashes(out) == before
+
+
+def test_killed_while_replacing_the_previous_run_never_leaves_new_weights_beside_its_summary(setup, uninterrupted, tmp_path):
+    root, args = setup
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    old = hashes(out)
+    run = [*args, "--max-steps", "22", "--save-checkpoints", "false", "--resume", "--output-dir", out]
+    # .old-final exists from the moment the old marker moves aside until the new one is written.
+    kill_when(run, lambda o: (o / ".old-final").is_dir())
+    marker = out / "run_summary.json"
+    weights = out / "model.safetensors"
+    if marker.exists():  # only the new run's summary can be there, and then with the new weights
+        assert json.loads(marker.read_text())["global_step"] == 22
+        assert hashes(out)["model.safetensors"] != old["model.safetensors"]
+    print("left by the kill:", sorted(p.name for p in out.iterdir()), "weights replaced:",
+          weights.is_file() and hashes(out)["model.safetensors"] != old["model.safetensors"])
+    done = run_script(run)  # and the same command finishes the run afterwards
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(marker.read_text())["global_step"] == 22
+    assert not (out / ".tmp-final").exists() and not (out / ".old-final").exists()

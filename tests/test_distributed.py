@@ -138,7 +138,7 @@ def test_ddp_evaluation_counts_each_example_once_and_matches_one_process(sentime
 
 def test_ddp_only_the_main_process_writes(sentiment_runs):
     out = sentiment_runs["two"]
-    assert not list(out.rglob(".tmp*")), "no temporary folder left behind"
+    assert not list(out.rglob(".tmp*")) and not (out / ".old-final").exists(), "no temporary folder left behind"
     (checkpoint,) = sorted((out / "checkpoints").iterdir())
     # Each process saves its own RNG state into the checkpoint; everything else comes from rank 0 once.
     assert sorted(p.name for p in checkpoint.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
@@ -267,6 +267,40 @@ def test_deepspeed_clips_with_the_runs_max_grad_norm(max_grad_norm, expected):
     accelerator = fake_accelerator("DEEPSPEED")
     prepare_engine(accelerator, SimpleNamespace(trainable_params=1, total_params=1), RunConfig(max_grad_norm=max_grad_norm))
     assert accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] == expected
+
+
+@pytest.mark.parametrize("kind, zero_stage, processes, expected", [
+    ("FSDP", None, 2, True),         # sharded weights: every rank must keep stepping in generate()
+    ("DEEPSPEED", 3, 2, True),       # ZeRO-3 shards the weights too
+    ("DEEPSPEED", 2, 2, False),      # ZeRO-2 shards optimizer states and gradients only: full weights per rank
+    ("DEEPSPEED", "no plugin", 2, False),
+    ("MULTI_GPU", None, 2, False),   # DDP: a full replica per rank
+    ("MULTI_CPU", None, 2, False),
+    ("FSDP", None, 1, False),        # one process has no one to wait for
+    ("DEEPSPEED", 3, 1, False),
+    ("NO", None, 1, False),
+])
+def test_synced_gpus_only_when_weights_are_sharded_over_several_processes(kind, zero_stage, processes, expected):
+    """synced_gpus() reads AcceleratorState's distributed_type, num_processes and deepspeed_plugin: a stand-in
+    with those fields stands for the engines and process counts this machine cannot start."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from pipelines.distributed import synced_gpus
+
+    plugin = None if zero_stage in (None, "no plugin") else SimpleNamespace(zero_stage=zero_stage)
+    state = SimpleNamespace(distributed_type=DistributedType(kind), num_processes=processes, deepspeed_plugin=plugin)
+    assert synced_gpus(state) is expected
+
+
+def test_synced_gpus_reads_the_real_state_of_one_cpu_process():
+    from accelerate import Accelerator
+
+    from pipelines.distributed import synced_gpus
+
+    Accelerator(cpu=True)  # what the trainer builds on this machine; AcceleratorState() then returns its state
+    assert synced_gpus() is False
 
 
 if __name__ == "__main__":
