@@ -46,6 +46,10 @@ EXAMPLE_INPUTS = {
                       "over the next three years, citing a sharp rise in cycling since 2020."),
 }
 PLACEHOLDER_INPUTS = {"automatic-speech-recognition": "audio.flac", "image-classification": "image.jpg"}
+# Audio and images cannot be written inline: a run saves one input of its evaluation split beside the
+# model (write_example_input) and the snippet reads that file, so the snippet runs as it is.
+EXAMPLE_FILES = {"automatic-speech-recognition": "example.wav", "image-classification": "example.png"}
+ASR_TAG = "automatic-speech-recognition"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 LABEL_TAGS = ("text-classification", "token-classification", "image-classification")
 # Model-index gets headline metrics, not seqeval's per-entity ones (those stay in eval_report.json).
@@ -88,6 +92,8 @@ def base_model_facts(model: str) -> dict:
         hub_id = origin if HUB_ID.match(origin) and not os.path.exists(origin) else None
         name = Path(folder).resolve().name
         text = f"a local model folder (`{name}`)" + (f", a copy of [{hub_id}](https://huggingface.co/{hub_id})" if hub_id else "")
+    elif not HUB_ID.match(model):  # a folder of the training machine, absent where the card is published
+        text = f"a local model folder (`{Path(model).name}`)"
     else:
         hub_id = model
         text = f"[{hub_id}](https://huggingface.co/{hub_id})"
@@ -164,22 +170,45 @@ def _py(value) -> str:
     return repr(value)
 
 
-def usage_snippet(tag: str, model_ref: str, adapter: bool, id2label: dict | None, example=None) -> str:
-    """Python that loads the model with transformers' pipeline and prints one prediction."""
+def usage_snippet(tag: str, model_ref: str, adapter: bool, id2label: dict | None, example=None, *,
+                  example_file: str | None = None, on_hub: bool = False, revision: str | None = None,
+                  clone_url: str | None = None) -> str:
+    """Python that loads the model with transformers' pipeline and prints one prediction.
+
+    `model_ref` is a Hub repo id (`on_hub`, at branch `revision`) or a folder path. `example_file` is an
+    input stored with the model (ASR, images): downloaded with hf_hub_download from the Hub, else read
+    from the folder. `clone_url`: the model is in a git repository, cloned (at `revision`) first.
+    """
     if example is None:
         example = EXAMPLE_INPUTS.get(tag, PLACEHOLDER_INPUTS.get(tag, "..."))
-    lines = ["from transformers import pipeline", ""]
-    args = f"{_py(tag)}, model={_py(model_ref)}"
+    lines = []
+    if clone_url:  # the branch always: a bare remote's HEAD may name a branch that does not exist
+        lines.append(f"# First: git clone --branch {revision or 'main'} {clone_url} (git-lfs installed), "
+                     "then run this beside the clone.")
+    if example_file and tag == ASR_TAG:
+        lines.append("import soundfile")
+    if example_file and on_hub:
+        lines.append("from huggingface_hub import hf_hub_download")
+    lines += ["from transformers import pipeline", ""]
+    hub_revision = f", revision={_py(revision)}" if on_hub and revision else ""
+    args = f"{_py(tag)}, model={_py(model_ref)}{hub_revision}"
     if adapter:
-        lines.append("# A LoRA adapter: transformers (with peft installed) loads the base model named in")
-        lines.append("# adapter_config.json, then the adapter and the trained head.")
-        if id2label:
-            labels = {int(i): str(n) for i, n in id2label.items()}
-            lines.append("# The base model's config does not know this model's labels: pass them.")
-            indent = " " * len("pipe = pipeline(")
-            args += (f",\n{indent}model_kwargs={{\"id2label\": {_py(labels)},\n{indent}              "
-                     f"\"label2id\": {_py({n: i for i, n in labels.items()})}}}")
+        # The folder's config.json carries the labels: no id2label to pass.
+        lines.append("# A LoRA adapter: transformers (with peft installed) loads the base weights and config")
+        lines.append("# stored beside it, then the adapter and the trained head.")
     lines.append(f"pipe = pipeline({args})")
+    if example_file:
+        if on_hub:
+            lines.append(f"example = hf_hub_download({_py(model_ref)}, {_py(example_file)}{hub_revision})"
+                         "  # an input from the evaluation data")
+        else:
+            lines.append(f"example = {_py(model_ref.rstrip('/') + '/' + example_file)}  # an input from the evaluation data")
+        if tag == ASR_TAG:  # decoded here: the pipeline would need ffmpeg to read a file itself
+            lines.append('audio, rate = soundfile.read(example, dtype="float32")  # mono, at the model\'s sampling rate')
+            lines.append('print(pipe({"raw": audio, "sampling_rate": rate}))')
+        else:
+            lines.append("print(pipe(example))")
+        return "\n".join(lines)
     comment = ""
     if tag in PLACEHOLDER_INPUTS and example == PLACEHOLDER_INPUTS[tag]:
         comment = f"  # a path or URL of your own {'audio file' if 'speech' in tag else 'image'}"
@@ -205,22 +234,42 @@ def _labels(id2label) -> dict | None:
     return None if all(n == f"LABEL_{i}" for i, n in labels.items()) else labels
 
 
+def _run_snapshot(out: Path) -> dict | None:
+    """run_config.json of the run (written when training started), if it is one of ours."""
+    try:
+        snap = json.loads((out / "run_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(snap, dict) or not isinstance(snap.get("config"), dict) or not isinstance(snap.get("versions"), dict):
+        return None
+    return snap
+
+
 def build_card(cfg, recipe, summary: dict, report: dict, out_dir, *, id2label: dict | None = None,
-               num_processes: int = 1):
-    """The ModelCard of a finished run (not yet saved)."""
+               num_processes: int = 1, repo_id: str | None = None, revision: str | None = None,
+               local_ref: str | None = None, clone_url: str | None = None):
+    """The ModelCard of a finished run (not yet saved).
+
+    Its snippet loads the model from the Hub repo `repo_id` (at branch `revision`), or from the folder
+    `local_ref` (e.g. a git clone of `clone_url`); with neither given, from cfg.push_to_hub (at
+    cfg.hub_revision) or else the output folder itself.
+    """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     from pipelines.config import snapshot
 
     out = Path(out_dir)
+    if repo_id is None and local_ref is None:
+        repo_id, revision = cfg.push_to_hub, cfg.hub_revision if cfg.push_to_hub else None
+    revision = None if revision == "main" else revision
+    model_ref = repo_id or local_ref or str(out)
     tag = recipe.pipeline_tag
     adapter_file = out / "adapter_config.json"
     adapter = json.loads(adapter_file.read_text(encoding="utf-8")) if adapter_file.is_file() else None
     is_adapter = cfg.tuning == "lora" or adapter is not None
     base = base_model_facts(cfg.model)
     data = dataset_facts(cfg)
-    repo_id = cfg.push_to_hub
-    model_name = repo_id.split("/")[-1] if repo_id else out.resolve().name
+    model_name = repo_id.split("/")[-1] if repo_id else Path(model_ref).resolve().name
     split = report["split"]
     metrics = {k: v for k, v in report["metrics"].items()
                if isinstance(v, (int, float)) and k != "loss" and not PER_ENTITY.match(k)}
@@ -239,8 +288,10 @@ def build_card(cfg, recipe, summary: dict, report: dict, out_dir, *, id2label: d
         language=base["language"], license=base["license"], library_name="peft" if is_adapter else "transformers",
         pipeline_tag=tag, tags=tags, metrics=sorted(metrics), eval_results=eval_results or None,
     )
-    snap = snapshot(cfg)
+    snap = _run_snapshot(out) or snapshot(cfg)  # the versions the run trained with, also when published later
     trainable, total = summary.get("trainable_params"), summary.get("total_params")
+    example_file = EXAMPLE_FILES.get(tag)
+    example_file = example_file if example_file and (out / example_file).is_file() else None
     labels = _labels(id2label)
     adapter_base = (adapter or {}).get("base_model_name_or_path")
     results = [(name, value, f"[{interval['low']:.4f}, {interval['high']:.4f}]"
@@ -278,8 +329,9 @@ def build_card(cfg, recipe, summary: dict, report: dict, out_dir, *, id2label: d
         interval=interval,
         normalization=report.get("normalization"),
         plots=report.get("plots", {}),
-        usage=usage_snippet(tag, repo_id or str(out), is_adapter, labels if tag in LABEL_TAGS else None,
-                            getattr(recipe, "card_example", None)),
+        usage=usage_snippet(tag, model_ref, is_adapter, labels if tag in LABEL_TAGS else None,
+                            getattr(recipe, "card_example", None), example_file=example_file, on_hub=bool(repo_id),
+                            revision=revision, clone_url=None if repo_id else clone_url),
         max_length=cfg.max_length,
         versions=[(k, v) for k, v in snap["versions"].items() if v] + [("python", snap["python"])],
         config_hash=report.get("config_hash"),
@@ -294,3 +346,83 @@ def write_model_card(out_dir, cfg, recipe, summary: dict, report: dict, **kwargs
     tmp.write_text(str(card), encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def card_for(folder, *, repo_id: str | None = None, revision: str | None = None, local_ref: str | None = None,
+             clone_url: str | None = None) -> str | None:
+    """The card of a finished run folder rendered for where it is published (see build_card), from the
+    folder's run_config.json, eval_report.json and run_summary.json. None when the folder is not a finished
+    run of this project, or its README.md is a card of the user's own (not tagged finetune-pipelines):
+    those are published as they are."""
+    from pipelines.config import FIELDS, RunConfig
+    from recipes import RECIPES
+
+    out = Path(folder)
+    snap = _run_snapshot(out)
+    try:
+        report = json.loads((out / "eval_report.json").read_text(encoding="utf-8"))
+        summary = json.loads((out / "run_summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    values = (snap or {}).get("config", {})
+    recipe = RECIPES.get(values.get("recipe"))
+    if recipe is None or not isinstance(report, dict) or not {"split", "metrics", "samples"} <= report.keys():
+        return None
+    if (out / "README.md").is_file() and "finetune-pipelines" not in (_readme_metadata(out / "README.md").get("tags") or []):
+        return None
+    cfg = RunConfig(**{k: v for k, v in values.items() if k in FIELDS}, extra=values.get("extra") or {})
+    id2label = summary.get("id2label")
+    if id2label is None and (out / "config.json").is_file():
+        id2label = json.loads((out / "config.json").read_text(encoding="utf-8")).get("id2label")
+    card = build_card(cfg, recipe, summary, report, out, id2label=id2label,
+                      num_processes=summary.get("num_processes", 1), repo_id=repo_id, revision=revision,
+                      local_ref=local_ref, clone_url=clone_url)
+    return str(card)
+
+
+def write_example_input(out_dir, recipe, raw_split, processor) -> str | None:
+    """Save one input of the evaluation split beside the model for the card's snippet: example.wav (mono,
+    at the model's sampling rate, 16-bit PCM) for ASR, example.png for images; the file name, or None for
+    other tasks or when no example decodes. A stale example of an earlier run is removed first."""
+    name = EXAMPLE_FILES.get(recipe.pipeline_tag)
+    if name is None:
+        return None
+    import datasets
+
+    path = Path(out_dir) / name
+    path.unlink(missing_ok=True)
+    if raw_split is None or not len(raw_split):
+        return None
+    asr = recipe.pipeline_tag == ASR_TAG
+    column = recipe.audio_column if asr else recipe.image_column
+    feature = raw_split.features.get(column)
+    rows = raw_split.select_columns([column])
+    # Undecoded values ({bytes, path}): datasets would decode audio with torchcodec, absent here.
+    if isinstance(feature, datasets.Audio):
+        rows = rows.cast_column(column, datasets.Audio(decode=False))
+    elif isinstance(feature, datasets.Image):
+        rows = rows.cast_column(column, datasets.Image(decode=False))
+    tmp = path.with_name(name + ".tmp")  # the trainer's FINAL_PATTERNS style; never published
+    for i in range(min(len(rows), 50)):  # the first that decodes: bad files are skipped by training too
+        value = rows[i][column]
+        try:
+            if asr:
+                import soundfile
+
+                from recipes.asr import read_audio
+
+                rate = processor.feature_extractor.sampling_rate
+                samples = read_audio(value, rate)
+                if not len(samples):
+                    continue
+                soundfile.write(tmp, samples, rate, format="WAV", subtype="PCM_16")
+            else:
+                from recipes.image_classification import open_image
+
+                open_image(value).save(tmp, format="PNG")
+        except Exception:  # noqa: BLE001 - an unreadable file: try the next one
+            tmp.unlink(missing_ok=True)
+            continue
+        os.replace(tmp, path)
+        return name
+    return None

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -17,6 +18,7 @@ from typing import Any, Optional
 from pipelines.errors import UserError, closest
 
 TUNING_STRATEGIES = ("full", "feature-extraction", "last-n", "gradual", "lora")
+BRANCH = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]*(?<![./])$")  # a git branch name, without the odd cases
 
 
 @dataclass
@@ -103,6 +105,9 @@ class RunConfig:
     push_to_hub: Optional[str] = None
     hub_endpoint: Optional[str] = None
     hub_private: bool = False
+    hub_revision: Optional[str] = None  # branch to publish to (default main); `revision` is the base model's
+    hub_commit_message: Optional[str] = None  # for --push-to-hub and --push-to-git (default "Publish model")
+    push_to_git: Optional[str] = None  # a git remote (file://, ssh, https) that gets the same files, LFS for large ones
 
     # Anything a recipe adds (e.g. asr's min_audio_seconds): declared in recipe.extra_options
     extra: dict = field(default_factory=dict)
@@ -317,6 +322,12 @@ def validate(cfg: RunConfig) -> None:
             raise UserError(f"--push-to-hub: invalid repo id {cfg.push_to_hub!r}: {' '.join(str(e).split())[:200]}") from None
     need(cfg.hub_endpoint is None or cfg.hub_endpoint.startswith(("http://", "https://")),
          f"--hub-endpoint must be an http(s):// URL, got {cfg.hub_endpoint!r}")
+    need(cfg.hub_revision is None or bool(BRANCH.match(cfg.hub_revision)) and ".." not in cfg.hub_revision,
+         f"--hub-revision must be a branch name (letters, digits, '.', '_', '-', '/'), got {cfg.hub_revision!r}")
+    if cfg.push_to_git is not None:  # checked before training, like --push-to-hub
+        from pipelines.publish import check_git_remote
+
+        check_git_remote(cfg.push_to_git, "--push-to-git")
     need(cfg.num_beams >= 1 and cfg.max_new_tokens >= 1, "--num-beams and --max-new-tokens must be at least 1")
     for name in ("max_train_samples", "max_eval_samples", "max_length"):
         value = getattr(cfg, name)
@@ -325,15 +336,22 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"--output-dir {cfg.output_dir} is a file; give a folder path")
 
 
-SECRET_WORDS = ("token", "password", "secret", "api_key")
+# Exact key names, not substrings: "token" is also in max_new_tokens, which must stay in the snapshot.
+SECRET_KEYS = frozenset({"token", "hub_token", "hf_token", "huggingface_token", "access_token", "auth_token",
+                         "api_token", "password", "passwd", "secret", "api_key", "apikey", "wandb_api_key"})
+
+
+def _without_secrets(values: dict) -> dict:
+    return {k: _without_secrets(v) if isinstance(v, dict) else v for k, v in values.items()
+            if str(k).lower().replace("-", "_") not in SECRET_KEYS}
 
 
 def snapshot(cfg: RunConfig) -> dict:
-    """The resolved config plus library versions, with anything secret-looking left out."""
+    """The resolved config plus library versions, with secret keys (SECRET_KEYS) left out."""
     import importlib.metadata as md
     import platform
 
-    data = {k: v for k, v in cfg.to_dict().items() if not any(w in k.lower() for w in SECRET_WORDS)}
+    data = _without_secrets(cfg.to_dict())
     versions = {}
     for pkg in ("torch", "transformers", "datasets", "accelerate", "peft", "evaluate", "huggingface_hub", "tokenizers"):
         try:

@@ -1,8 +1,9 @@
 """What happens around evaluation outside the training loop.
 
 - `write_run_outputs`: at the end of a run (main process), the eval report and plots for the final
-  split and the model card; `publish_run` then pushes the folder when --push-to-hub was given.
-- `Evaluator`: evaluates any model (an output folder, adapter folders included, or a Hub id) on one
+  split, an example input for the card (ASR, images) and the model card; `publish_run` then pushes
+  the folder when --push-to-hub or --push-to-git was given.
+- `Evaluator`: evaluates any model (an output folder or a Hub id, LoRA adapters of either kind) on one
   split of a dataset with a recipe's preprocessing and metrics, and writes the same report, without
   training. It is a Trainer that skips the training set-up and reuses `Trainer.evaluate`, the one
   evaluation loop, so the numbers are computed exactly as at the end of a run.
@@ -15,61 +16,173 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 from pipelines.errors import UserError
-from pipelines.trainer import FINISHED_MARKER, Trainer, _model_inputs, make_accelerator
+from pipelines.trainer import FINISHED_MARKER, Trainer, make_accelerator
 
 SPLITS = ("train", "validation", "test")
 
 
 def write_run_outputs(trainer, summary: dict) -> dict:
-    """eval_report.json/.md and plots for the run's final split, then README.md (the model card)."""
-    from pipelines.cards import write_model_card
+    """eval_report.json/.md and plots for the run's final split, the card's example input, then README.md
+    (the model card). Adds to `summary` (written next as run_summary.json) what publishing needs to
+    render the card again for another repository: the labels and the number of processes."""
+    import sys
+
+    from pipelines.cards import write_example_input, write_model_card
     from pipelines.report import write_report
 
     split, gathered = trainer.final_outputs
     report = write_report(trainer.out, trainer.cfg, trainer.recipe, split, summary["results"][split], gathered,
                           trainer.raw_splits[split], trainer.log_path, trainer.processor)
+    try:
+        write_example_input(trainer.out, trainer.recipe, trainer.raw_splits[split], trainer.processor)
+    except Exception as e:  # noqa: BLE001 - the model is saved: a missing example must not fail the run
+        print(f"warning: no example input for the model card: {type(e).__name__}: {' '.join(str(e).split())[:200]}",
+              file=sys.stderr)
     model = trainer.accelerator.unwrap_model(trainer.model)
     id2label = getattr(getattr(model, "config", None), "id2label", None)  # a peft model gives its base's config
+    summary["num_processes"] = trainer.accelerator.num_processes
+    if id2label:  # what the card shows, without loading the model again
+        summary["id2label"] = {str(i): name for i, name in id2label.items()}
     write_model_card(trainer.out, trainer.cfg, trainer.recipe, summary, report, id2label=id2label,
                      num_processes=trainer.accelerator.num_processes)
     return report
 
 
-def publish_run(out, cfg) -> str:
-    """Push a finished output folder to cfg.push_to_hub; a failure says how to retry without retraining."""
-    from pipelines.publish import publish_to_hub
+def publish_run(out, cfg) -> list[str]:
+    """Push a finished output folder to cfg.push_to_hub and/or cfg.push_to_git (branch cfg.hub_revision,
+    message cfg.hub_commit_message); a failure says how to retry without retraining."""
+    import shlex
 
-    try:
-        url = publish_to_hub(out, cfg.push_to_hub, endpoint=cfg.hub_endpoint, private=cfg.hub_private)
-    except UserError as e:
-        raise UserError(f"{e} (the trained model is saved in {out}: retry with "
-                        f"python scripts/publish.py {out} {cfg.push_to_hub})") from None
-    print(f"published to {url}")
-    return url
+    from pipelines.publish import publish_to_git, publish_to_hub
+
+    def retry(target: list[str]) -> str:
+        options = [*target]
+        if cfg.hub_revision:
+            options += ["--revision", cfg.hub_revision]
+        if cfg.hub_commit_message:
+            options += ["--commit-message", cfg.hub_commit_message]
+        return f"the trained model is saved in {out}: retry with " + shlex.join(["python", "scripts/publish.py", str(out), *options])
+
+    done = []
+    if cfg.push_to_hub:
+        target = [cfg.push_to_hub] + (["--hub-endpoint", cfg.hub_endpoint] if cfg.hub_endpoint else []) \
+            + (["--private"] if cfg.hub_private else [])
+        try:
+            url = publish_to_hub(out, cfg.push_to_hub, endpoint=cfg.hub_endpoint, private=cfg.hub_private,
+                                 revision=cfg.hub_revision, commit_message=cfg.hub_commit_message)
+        except UserError as e:
+            raise UserError(f"{e} ({retry(target)})") from None
+        print(f"published to {url}")
+        done.append(str(url))
+    if cfg.push_to_git:
+        try:
+            sha = publish_to_git(out, cfg.push_to_git, branch=cfg.hub_revision or "main",
+                                 commit_message=cfg.hub_commit_message)
+        except UserError as e:
+            raise UserError(f"{e} ({retry(['--push-to-git', cfg.push_to_git])})") from None
+        print(f"pushed to {cfg.push_to_git} ({cfg.hub_revision or 'main'}): commit {sha}")
+        done.append(sha)
+    return done
 
 
-def adapter_base(folder: str) -> str | None:
-    """The base model of a LoRA output folder (None if `folder` is not one): the run's --model from
-    run_config.json when present (e.g. embedded:NAME, portable), else adapter_config.json's path."""
-    folder = os.path.expanduser(folder)
-    if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+def _hub_file(repo_id: str, filename: str, revision: str | None) -> str | None:
+    """A file of a Hub model repo (local path: from the cache, else downloaded), or None if the repo has no
+    such file. One-line errors for a missing repo or revision and an unreachable Hub (probed first:
+    seconds, not a minute of retries)."""
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    from pipelines.hub_access import endpoint_error
+
+    cached = try_to_load_from_cache(repo_id, filename, revision=revision)
+    if isinstance(cached, str):
+        return cached
+    if cached is not None:  # the cache knows the repo has no such file
         return None
+    if constants.HF_HUB_OFFLINE:
+        # Offline, nothing to ask: a cached full model has no adapter files to find, and a model that is
+        # not cached at all fails to load with its own message.
+        return None
+    reason = endpoint_error(constants.ENDPOINT)
+    if reason:
+        raise UserError(f"--model {repo_id}: could not reach the Hugging Face Hub at {constants.ENDPOINT} ({reason}) "
+                        f"to look for {filename}; set HF_HUB_OFFLINE=1 to use the local cache, or give a local folder")
     try:
-        with open(os.path.join(folder, "run_config.json"), encoding="utf-8") as f:
+        return hf_hub_download(repo_id, filename, revision=revision)
+    except RevisionNotFoundError:
+        raise UserError(f"--revision {revision}: no such revision of {repo_id} on {constants.ENDPOINT}") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"--model {repo_id}: no such model on {constants.ENDPOINT} (or it is private or gated: "
+                        "set HF_TOKEN or run `hf auth login`)") from None
+    except LocalEntryNotFoundError as e:  # a connection failure after the probe
+        raise UserError(f"--model {repo_id}: could not download {filename} from {constants.ENDPOINT}: "
+                        f"{' '.join(str(e).split())[:200]}") from None
+    except EntryNotFoundError:
+        return None
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else "?"
+        raise UserError(f"--model {repo_id}: HTTP {status} from {constants.ENDPOINT} for {filename}") from None
+
+
+def _is_hub_id(name: str) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if name.startswith(("embedded:", ".", "/", "~")) or os.path.exists(name):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _usable_base(name) -> bool:
+    """A base model name this machine can load: embedded:NAME, an existing folder, or a Hub id."""
+    return isinstance(name, str) and bool(name) and (
+        name.startswith("embedded:") or os.path.isdir(os.path.expanduser(name)) or _is_hub_id(name))
+
+
+def adapter_base(model: str, cfg=None) -> str | None:
+    """The base model of a LoRA adapter (None if `model` is not one): a local output folder or a Hub repo
+    holding adapter_config.json. The run's --model from its run_config.json when this machine can load it
+    (e.g. embedded:NAME, portable), else adapter_config.json's base_model_name_or_path. Pickle-only
+    adapter weights (adapter_model.bin) are refused unless cfg.allow_pickle."""
+    revision = getattr(cfg, "revision", None)
+    allow_pickle = bool(getattr(cfg, "allow_pickle", False))
+    folder = os.path.expanduser(model)
+    if os.path.isdir(folder):
+        def find(name):
+            return os.path.join(folder, name) if os.path.isfile(os.path.join(folder, name)) else None
+        where = f"adapter folder {model}"
+    elif _is_hub_id(model):
+        def find(name):
+            return _hub_file(model, name, revision)
+        where = f"Hub adapter {model}"
+    else:
+        return None
+    adapter_config = find("adapter_config.json")
+    if adapter_config is None:
+        return None
+    if not allow_pickle and find("adapter_model.safetensors") is None and find("adapter_model.bin") is not None:
+        raise UserError(f"{where} has only pickle weights (adapter_model.bin), which can run code when loaded; "
+                        "save it with safetensors, or pass --allow-pickle if you trust the file")
+    run_config = find("run_config.json")
+    try:
+        with open(run_config, encoding="utf-8") as f:
             base = json.load(f)["config"]["model"]
-        if base:
+        if _usable_base(base):
             return base
-    except (OSError, ValueError, KeyError, TypeError):
+    except (TypeError, OSError, ValueError, KeyError):
         pass
     try:
-        with open(os.path.join(folder, "adapter_config.json"), encoding="utf-8") as f:
+        with open(adapter_config, encoding="utf-8") as f:
             return json.load(f)["base_model_name_or_path"]
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"{folder}/adapter_config.json names no base model ({type(e).__name__}); "
-                        "is it a peft adapter folder?") from None
+        raise UserError(f"{where}: adapter_config.json names no base model ({type(e).__name__}); "
+                        "is it a peft adapter?") from None
 
 
 class Evaluator(Trainer):
@@ -92,6 +205,7 @@ class Evaluator(Trainer):
         self.cfg, self.recipe, self.split, self.out = cfg, recipe, split, out
         self.accelerator = make_accelerator(cfg)
         self.log_path = None  # no training log: no learning curves
+        self.eval_orders = {}
 
     def setup(self) -> None:
         from accelerate.utils import set_seed
@@ -100,27 +214,28 @@ class Evaluator(Trainer):
 
         cfg, acc, recipe = self.cfg, self.accelerator, self.recipe
         set_seed(cfg.seed)
-        base = adapter_base(cfg.model)
+        base = adapter_base(cfg.model, cfg)
+        # --revision names the evaluated repo's revision: for a Hub adapter, the adapter's, not its base's.
+        on_hub = bool(base) and not os.path.isdir(os.path.expanduser(cfg.model))
         with acc.main_process_first():
             splits = getattr(recipe, "load_splits", load_raw_splits)(cfg, getattr(recipe, "folder_builder", None))
             if self.split not in splits:
                 raise UserError(f"the dataset has no {self.split} split (it has: {', '.join(splits)})")
             # An adapter folder: the recipe builds the base model exactly as for training, then peft adds the adapter.
-            model, self.processor = recipe.load(dataclasses.replace(cfg, model=base) if base else cfg, splits)
+            base_cfg = dataclasses.replace(cfg, model=base, revision=None if on_hub else cfg.revision) if base else cfg
+            model, self.processor = recipe.load(base_cfg, splits)
             if base:
                 from peft import PeftModel
 
-                model = PeftModel.from_pretrained(model, os.path.expanduser(cfg.model))
+                extra = {"revision": cfg.revision} if on_hub and cfg.revision else {}
+                model = PeftModel.from_pretrained(model, os.path.expanduser(cfg.model), **extra)
             if self.split != "train":
                 # The label set came from the whole train split in load(); preprocessing all of it would
                 # only cost time.
                 splits["train"] = splits["train"].select(range(min(len(splits["train"]), 64)))
             encoded = recipe.preprocess(splits, self.processor, cfg)
         self.raw_split = splits[self.split]
-        loader = torch.utils.data.DataLoader(
-            _model_inputs(encoded[self.split]), batch_size=cfg.eval_batch_size or cfg.batch_size, shuffle=False,
-            collate_fn=recipe.collator(self.processor, cfg), num_workers=cfg.num_workers,
-            pin_memory=torch.cuda.is_available())
+        loader = self.eval_loader(self.split, encoded[self.split], recipe.collator(self.processor, cfg))
         self.model = acc.prepare(model)
         self.eval_loaders = {self.split: acc.prepare(loader)}
 
@@ -159,6 +274,7 @@ def evaluate_main(argv) -> int:
         pre.print_help()
         return 0
     quiet_libraries()
+    cfg = None
     try:
         cfg = parse_args(rest, RECIPES)
         given = any(a == "--output-dir" or a.startswith("--output-dir=") for a in rest)
@@ -171,6 +287,14 @@ def evaluate_main(argv) -> int:
         report = evaluator.run()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a report that cannot be written (full disk, read-only folder): one line, as for a run
+        from pipelines.cli import write_failure
+
+        message = write_failure(e, cfg.output_dir if cfg else None)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -11,6 +11,7 @@ import contextlib
 import fnmatch
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -29,8 +30,10 @@ MODEL_FILES = [
     "*.safetensors", "*.safetensors.index.json",
     "*config.json",  # config, generation_config, tokenizer/preprocessor/processor/adapter/run configs
     "*tokenizer.json", "*special_tokens_map.json", "*added_tokens.json", "*vocab.txt", "*vocab.json",
-    "*merges.txt", "*.model", "*.tiktoken", "*chat_template.jinja", "*chat_template.json",
+    "*merges.txt", "*.model", "*.spm", "*.tiktoken", "*chat_template.jinja", "*chat_template.json",
+    "*normalizer.json",  # Whisper's English spelling map (tokenizer file)
     "README.md", "*eval_report.json", "*eval_report.md", "*.png",
+    "example.wav",  # the input the card's how-to snippet runs on (pipelines/cards.py EXAMPLE_FILES)
 ]
 TRAINING_STATE = [
     "checkpoints/*", "*/checkpoints/*", "checkpoint-*", "*/checkpoint-*", "runs/*", "*tfevents*",
@@ -45,7 +48,9 @@ GIT_LFS_PATTERNS = [
     "*.model", "*.msgpack", "*.npy", "*.npz", "*.onnx", "*.ot", "*.parquet", "*.pb", "*.pickle", "*.pkl",
     "*.pt", "*.pth", "*.rar", "*.safetensors", "saved_model/**/*", "*.tar.*", "*.tar", "*.tflite", "*.tgz",
     "*.wasm", "*.xz", "*.zip", "*.zst", "*tfevents*", "*.png", "*.jpg", "*.jpeg", "*.gif", "*.webp",
+    "*.wav", "*.flac", "*.mp3", "*.ogg",
 ]
+HUB_GIT_HOSTS = ("huggingface.co", "hf.co")  # git remotes that are Hub repositories
 
 
 def _patterns(include_checkpoints: bool) -> tuple[list[str], list[str]]:
@@ -141,16 +146,64 @@ def _hub_settings(endpoint: str):
         constants.HF_HUB_DISABLE_XET, constants.HF_HUB_OFFLINE = saved
 
 
+def _card(folder, **target) -> str | None:
+    """The run's card rendered for the publishing target (pipelines/cards.py card_for), or None."""
+    from pipelines.cards import card_for
+
+    try:
+        return card_for(folder, **target)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a broken run file: one line naming the folder
+        raise UserError(f"could not render the model card of {folder} for publishing: "
+                        f"{type(e).__name__}: {_one_line(e)}") from None
+
+
+@contextlib.contextmanager
+def _staged(folder, files: list[str], readme: str | None):
+    """(folder, files) to upload: `folder` itself when its README.md is already `readme` (or there is no
+    card to change), else a temporary copy with that README.md. The copy hard-links the other files
+    where it can (no second copy of the weights) and writes README.md as a new file, so the user's
+    folder is never written to."""
+    current = Path(folder) / "README.md"
+    if readme is None or (current.is_file() and current.read_bytes() == readme.encode("utf-8")):
+        yield Path(folder), files
+        return
+    with tempfile.TemporaryDirectory(prefix="publish-stage-") as stage:
+        for rel in files:
+            if rel == "README.md":
+                continue
+            target = Path(stage) / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(Path(folder) / rel, target)
+            except OSError:  # another file system, or no hard links there
+                shutil.copyfile(Path(folder) / rel, target)
+        (Path(stage) / "README.md").write_bytes(readme.encode("utf-8"))
+        yield Path(stage), sorted({*files, "README.md"})
+
+
+def _remove_branch(api, repo_id: str, branch: str) -> str:
+    """Delete a branch this publish created, after its upload failed; say what happened to it."""
+    try:
+        api.delete_branch(repo_id, branch=branch)
+    except Exception as e:  # noqa: BLE001 - the upload error is the one to report; say the branch stayed
+        return f"the new branch {branch} could not be removed ({type(e).__name__}: {_one_line(e)[:120]})"
+    return f"the new branch {branch} was removed"
+
+
 def publish_to_hub(folder, repo_id: str, *, endpoint: str | None = None, token: str | None = None,
                    private: bool = False, revision: str | None = None, commit_message: str | None = None,
                    include_checkpoints: bool = False) -> str:
     """Upload the publishable files of `folder` to `repo_id` in one commit; return the commit URL.
 
     The return value is huggingface_hub's CommitInfo, a str (the URL) whose `.oid` is the commit sha.
-    Publishing an unchanged folder makes no commit and returns the current head.
+    Publishing an unchanged folder makes no commit and returns the current head. A run's card is
+    rendered for `repo_id` (its snippet names the repo, not the local folder) in a staging copy.
+    A failed upload leaves the remote as it was: no commit, and a branch created for it is deleted.
     """
     from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.errors import HFValidationError, HfHubHTTPError
     from huggingface_hub.utils import validate_repo_id
 
     try:
@@ -158,28 +211,40 @@ def publish_to_hub(folder, repo_id: str, *, endpoint: str | None = None, token: 
     except HFValidationError as e:
         raise UserError(f"invalid repo id {repo_id!r}: {_one_line(e)}") from None
     files = select_files(folder, include_checkpoints)
+    readme = _card(folder, repo_id=repo_id, revision=revision)
     # HF_ENDPOINT is read at call time too, in case it was set after huggingface_hub was imported.
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
     if urlsplit(endpoint).scheme not in ("http", "https") or not urlsplit(endpoint).netloc:
         raise UserError(f"invalid hub endpoint {endpoint!r}: expected http(s)://host[:port]")
     allow, ignore = _patterns(include_checkpoints)
     api = HfApi(endpoint=endpoint, token=token)  # token=None: huggingface_hub uses HF_TOKEN or the saved login
-    with _hub_settings(endpoint):
+    with _hub_settings(endpoint), _staged(folder, files, readme) as (source, files):
         try:
             repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         except Exception as e:
             raise _failure(f"creating repository {repo_id}", endpoint, e) from None
+        new_branch = False
+        if revision and revision != "main":
+            try:
+                api.create_branch(repo_id, branch=revision)
+                new_branch = True
+            except HfHubHTTPError as e:
+                if e.response is None or e.response.status_code != 409:  # 409: it exists already
+                    raise _failure(f"creating branch {revision} of {repo_id}", endpoint, e) from None
+            except Exception as e:
+                raise _failure(f"creating branch {revision} of {repo_id}", endpoint, e) from None
         try:
-            if revision and revision != "main":
-                api.create_branch(repo_id, branch=revision, exist_ok=True)
             logger.info("publishing %d files from %s to %s/%s", len(files), folder, endpoint, repo_id)
             # One commit (Xet off, or small folders with Xet): the remote shows all of it or none of it.
             # Unchanged files are dropped by the client, so re-publishing makes no (empty) commit.
-            info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision,
+            info = api.upload_folder(folder_path=str(source), repo_id=repo_id, revision=revision,
                                      commit_message=commit_message or "Publish model", allow_patterns=allow,
                                      ignore_patterns=list(ignore))
         except Exception as e:
-            raise _failure(f"uploading {folder} to {repo_id}", endpoint, e) from None
+            failure = _failure(f"uploading {folder} to {repo_id}", endpoint, e)
+            if new_branch:
+                failure = UserError(f"{failure}; {_remove_branch(api, repo_id, revision)}")
+            raise failure from None
     logger.info("published: %s", info)
     return info
 
@@ -206,21 +271,47 @@ def _write_gitattributes(work: Path, files: list[str]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def check_git_remote(url: str, option: str = "the git URL") -> None:
+    """Refuse, before any work, a URL with credentials and a machine without git or git-lfs."""
+    parts = urlsplit(url)
+    if not url.strip():
+        raise UserError(f"{option} is empty: give a git remote URL (file://, ssh:// or https://)")
+    # A password, or any user part of an http(s) URL (tokens go there), would land in .git/config and in
+    # error messages; ssh://git@host/... only names the account.
+    if parts.password or (parts.username and parts.scheme in ("http", "https")):
+        raise UserError(f"{option} contains credentials: remove them and use a git credential helper "
+                        "(git config credential.helper) or an SSH key instead")
+    if shutil.which("git") is None:
+        raise UserError(f"{option}: git is not installed: install git and git-lfs to publish to a git remote")
+    if subprocess.run(["git", "lfs", "version"], capture_output=True).returncode:
+        raise UserError(f"{option}: git-lfs is not installed: install it (e.g. apt-get install git-lfs) to publish to git")
+
+
+def git_card_target(url: str) -> tuple[str | None, str]:
+    """For the card of a git-published model: its Hub repo id when the remote is a Hub repository
+    (https://huggingface.co/NS/NAME, git@hf.co:NS/NAME), else None; and the folder `git clone URL` makes."""
+    parts = urlsplit(url)
+    host, path = parts.hostname, parts.path
+    if not parts.scheme and re.match(r"^[\w.-]+@[\w.-]+:", url):  # scp-like syntax: user@host:path
+        host, path = url.split("@", 1)[1].split(":", 1)
+    path = path.strip("/")
+    path = path[:-len(".git")] if path.endswith(".git") else path
+    clone_dir = path.rsplit("/", 1)[-1] or "model"
+    return (path if host in HUB_GIT_HOSTS and path.count("/") == 1 else None), clone_dir
+
+
 def publish_to_git(folder, url: str, *, branch: str = "main", commit_message: str | None = None,
                    include_checkpoints: bool = False) -> str:
-    """Commit the publishable files of `folder` to `branch` of a git remote (large files via LFS); return the sha."""
+    """Commit the publishable files of `folder` to `branch` of a git remote (large files via LFS); return the sha.
+
+    A run's card is rendered for the remote: its snippet loads the Hub repo for a Hub remote, else
+    the clone's folder."""
     files = select_files(folder, include_checkpoints)
-    parts = urlsplit(url)
-    if parts.username or parts.password:
-        # They would land in the work dir's .git/config and in error messages: use a credential helper.
-        raise UserError("the git URL contains credentials: remove them and use a git credential helper "
-                        "(git config credential.helper) or an SSH key instead")
+    check_git_remote(url)
+    repo_id, clone_dir = git_card_target(url)
+    readme = _card(folder, repo_id=repo_id, revision=branch, local_ref=clone_dir, clone_url=url)
     # Never prompt for a password (it would hang a batch job); skip LFS downloads of files we overwrite anyway.
     env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_LFS_SKIP_SMUDGE": "1"}
-    if shutil.which("git") is None:
-        raise UserError("git is not installed: install git and git-lfs to publish to a git remote")
-    if subprocess.run(["git", "lfs", "version"], capture_output=True, env=env).returncode:
-        raise UserError("git-lfs is not installed: install it (e.g. apt-get install git-lfs) to publish to git")
     with tempfile.TemporaryDirectory(prefix="publish-git-") as work:
         if _git("ls-remote", "--heads", url, branch, env=env):
             _git("clone", "--quiet", "--branch", branch, "--single-branch", url, work, env=env)
@@ -231,6 +322,9 @@ def publish_to_git(folder, url: str, *, branch: str = "main", commit_message: st
         for rel in files:
             (Path(work) / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(Path(folder) / rel, Path(work) / rel)
+        if readme is not None:  # the card for this remote, in the work tree only
+            (Path(work) / "README.md").write_bytes(readme.encode("utf-8"))
+            files = sorted({*files, "README.md"})
         _write_gitattributes(Path(work), files)
         if subprocess.run(["git", "config", "user.email"], cwd=work, env=env, capture_output=True).returncode:
             # No identity configured (CI, containers): commit as the tool rather than fail.

@@ -27,7 +27,7 @@ from pipelines.tuning import plan_tuning
 
 FINISHED_MARKER = "run_summary.json"  # written last: its presence means the folder holds a finished model
 # The files of a finished run besides the model, as the end of a run writes them (reports, plots, card), .tmp included.
-FINAL_PATTERNS = (FINISHED_MARKER + "*", "eval_results.json*", "eval_report.*", "*.png*", "README.md*")
+FINAL_PATTERNS = (FINISHED_MARKER + "*", "eval_results.json*", "eval_report.*", "*.png*", "README.md*", "example.wav*")
 LOWER_IS_BETTER = re.compile(r"(loss|wer|cer|error)$")
 
 

@@ -5,8 +5,9 @@ eval_report.json / eval_report.md and plots as a training run.
     python scripts/evaluate.py --recipe sentiment --model OUTPUT_DIR_OR_HUB_ID --dataset DATA \\
                                --split validation --output-dir REPORT_DIR [any option of scripts/run.py]
 
-Adapter folders (adapter_config.json) load their base model plus the adapter. The model folder is
-never written to. Errors are one line on stderr, exit status 2.
+LoRA adapters (adapter_config.json in the folder, or in the Hub repo given as --model, at --revision)
+load their base model plus the adapter; pickle-only adapter weights (adapter_model.bin) need
+--allow-pickle. The model folder is never written to. Errors are one line on stderr, exit status 2.
 """
 
 import os

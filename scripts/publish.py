@@ -5,7 +5,10 @@
                               [--commit-message MSG] [--include-checkpoints]
     python scripts/publish.py OUTPUT_DIR --push-to-git URL [--revision BRANCH] ...
 
-The token comes from HF_TOKEN or `hf auth login`; it is never printed or written.
+The card (README.md) of a run is rendered again for where it goes, so that its how-to snippet loads
+REPO_ID (or the git clone) rather than the local folder; the folder itself is never written to.
+A failed upload leaves the remote as it was. The token comes from HF_TOKEN or `hf auth login`; it is
+never printed or written.
 """
 
 import argparse

@@ -2,7 +2,8 @@
 
 It answers the calls listed in /work/shared/HUB_API.md well enough for huggingface_hub 2.4
 (`create_repo`, `upload_folder`, `list_repo_files`, `list_repo_tree`, `hf_hub_download`,
-`snapshot_download`, `model_info`, `list_repo_commits`) with Xet disabled on the client.
+`snapshot_download`, `model_info`, `list_repo_commits`, `create_branch`, `delete_branch`) with Xet
+disabled on the client.
 
 Storage is real, not mocked: every commit is a full snapshot of the repo's files plus its parent
 (kept in memory), its oid is the sha1 of that snapshot; file contents live in a temporary folder,
@@ -115,7 +116,8 @@ class LocalHub:
     def fail_next(self, stage: str, status: int = 500, times: int = 1) -> None:
         """Make the next `times` requests of a stage answer `status`, changing nothing.
 
-        Stages: "create", "preupload", "lfs_batch", "lfs_upload" (the PUT), "lfs_verify", "commit".
+        Stages: "create", "preupload", "lfs_batch", "lfs_upload" (the PUT), "lfs_verify", "commit",
+        "branch" (create a branch), "delete_branch".
         Note the client retries 429/500/502/503/504 on preupload, LFS batch and LFS PUT (with
         back-off, about 23 s for 5 retries): use another status (e.g. 507) there to fail fast.
         """
@@ -391,7 +393,7 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as e:  # a bug here must show as a 500, not a hung client
             self._send_json(500, {"error": f"{type(e).__name__}: {e}"})
 
-    do_GET = do_HEAD = do_POST = do_PUT = _dispatch
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _dispatch
 
     # ---- routes --------------------------------------------------------------------------------
     def _route(self) -> None:
@@ -460,10 +462,20 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send_json(200, hub.commit(repo, "/".join(args), lines))
         if method == "POST" and action == "branch" and args:
             body, branch = self._json_body(), "/".join(args)
+            hub._maybe_fail("branch")
             with hub.lock:
                 if branch in repo.refs:
                     raise HubError(409, f"Branch {branch} already exists")
                 repo.refs[branch] = hub._resolve(repo, body.get("startingPoint") or "main")
+            return self._send_json(200, {})
+        if method == "DELETE" and action == "branch" and args:
+            branch = "/".join(args)
+            hub._maybe_fail("delete_branch")
+            with hub.lock:
+                if branch == "main":
+                    raise HubError(403, "The main branch cannot be deleted")
+                if repo.refs.pop(branch, None) is None:
+                    raise HubError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
             return self._send_json(200, {})
         raise HubError(404, f"no route for {method} /api/{repo_type}s/{repo_id}/{'/'.join(rest)}")
 

@@ -316,3 +316,63 @@ def test_local_hub_head_range_and_keepalive(hub):
     conn.request("GET", "/api/agent-harnesses")
     assert conn.getresponse().status == 404
     conn.close()
+
+
+def test_failed_upload_to_a_new_branch_removes_the_branch(output_dir, hub, tmp_path):
+    publish_to_hub(output_dir, "me/tiny-bert", endpoint=hub.url)
+    main = hub.head("me/tiny-bert")
+    folder = tmp_path / "out"
+    shutil.copytree(output_dir, folder)
+    (folder / "README.md").write_text(CARD + "\nRetrained.\n")
+    hub.fail_next("commit", status=500)
+    with pytest.raises(UserError) as err:
+        publish_to_hub(folder, "me/tiny-bert", endpoint=hub.url, revision="candidate")
+    message = str(err.value)
+    assert "HTTP 500" in message and "the new branch candidate was removed" in message and "\n" not in message
+    assert set(hub.repos[("model", "me/tiny-bert")].refs) == {"main"} and hub.head("me/tiny-bert") == main
+
+    # A branch that existed before stays, at its commit; and if the removal fails, the message says so.
+    first = publish_to_hub(output_dir, "me/tiny-bert", endpoint=hub.url, revision="candidate")
+    assert first.oid == main  # nothing to commit: the new branch starts at main, which has these files
+    hub.fail_next("commit", status=500)
+    with pytest.raises(UserError, match="HTTP 500") as err:
+        publish_to_hub(folder, "me/tiny-bert", endpoint=hub.url, revision="candidate")
+    assert "branch" not in str(err.value) and hub.head("me/tiny-bert", "candidate") == first.oid
+    hub.fail_next("commit", status=500)
+    hub.fail_next("delete_branch", status=503)
+    with pytest.raises(UserError, match="the new branch other could not be removed"):
+        publish_to_hub(folder, "me/tiny-bert", endpoint=hub.url, revision="other")
+
+
+def test_tokenizer_and_processor_files_are_published(tmp_path):
+    """Whisper's tokenizer files (normalizer.json with vocab.json and merges.txt) and its processor configs."""
+    from tiny_models import WHISPER_TINY_EN
+    from transformers import WhisperProcessor
+
+    if not (WHISPER_TINY_EN / "tokenizer_config.json").is_file():
+        pytest.skip("whisper-tiny.en not in ../shared")
+    processor = WhisperProcessor.from_pretrained(WHISPER_TINY_EN)
+    processor.tokenizer.english_spelling_normalizer = {"colour": "color"}
+    processor.save_pretrained(tmp_path)
+    processor.tokenizer.save_vocabulary(str(tmp_path))  # vocab.json, merges.txt, normalizer.json
+    (tmp_path / "added_tokens.json").write_text("{}")
+    (tmp_path / "special_tokens_map.json").write_text("{}")
+    (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
+    written = {p.name for p in tmp_path.iterdir()}
+    assert {"normalizer.json", "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"} <= written
+    assert any(name in written for name in ("preprocessor_config.json", "processor_config.json"))
+    assert set(select_files(tmp_path)) == written
+
+
+def test_git_card_target_and_credentials():
+    from pipelines.publish import check_git_remote, git_card_target
+
+    assert git_card_target("https://huggingface.co/me/model") == ("me/model", "model")
+    assert git_card_target("https://hf.co/me/model.git") == ("me/model", "model")
+    assert git_card_target("git@hf.co:me/model") == ("me/model", "model")
+    assert git_card_target("file:///srv/models/minilm.git") == (None, "minilm")
+    assert git_card_target("ssh://git@example.com/team/minilm.git") == (None, "minilm")
+    check_git_remote("ssh://git@example.com/team/minilm.git")  # an account name is not a credential
+    for url in ("https://user:hf_secret@example.com/me/model", "https://hf_secret@huggingface.co/me/model"):
+        with pytest.raises(UserError, match="contains credentials"):
+            check_git_remote(url, "--push-to-git")

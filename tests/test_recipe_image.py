@@ -158,3 +158,55 @@ def test_augmentation_applies_to_training_examples_only(tiny_vit, tmp_path, monk
     collate([encoded["train"][i] for i in range(4)])
     assert len(calls) == 4  # training: every example augmented
     assert batch["pixel_values"].shape[-2:] == (32, 32)
+
+
+# ------------------------------------------------------------------------------------------ model card
+
+
+def _snippet(out: Path) -> str:
+    import re
+
+    return re.search(r"## How to use\s+```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1)
+
+
+def _run(code: str, cwd: Path, env: dict | None = None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, timeout=300,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(cwd), **(env or {})})
+
+
+def test_card_snippet_runs_on_the_saved_example_from_the_folder_and_from_the_hub(trained, tmp_path):
+    """The run saves one validation image as example.png; the snippet classifies it, read from the output
+    folder, and once published, downloaded from the (local) Hub with hf_hub_download."""
+    import ast
+
+    from hub_server import LocalHub
+
+    from pipelines.publish import publish_to_hub
+
+    data, out, _ = trained
+    with Image.open(out / "example.png") as image:
+        example = np.asarray(image.convert("RGB"))
+    assert any(np.array_equal(example, np.asarray(Image.open(p).convert("RGB")))
+               for p in (data / "validation").rglob("*.png"))
+
+    snippet = _snippet(out)
+    assert f'"{out}/example.png"' in snippet and "image.jpg" not in snippet
+    ran = _run(snippet, tmp_path)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert {p["label"] for p in ast.literal_eval(ran.stdout.strip())} <= set(CLASSES), ran.stdout
+
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with LocalHub() as hub:
+        publish_to_hub(out, "me/tiny-vit", endpoint=hub.url)
+        files = hub.repos[("model", "me/tiny-vit")].commits[hub.head("me/tiny-vit")]["files"]
+        assert hub._read(files["example.png"]) == (out / "example.png").read_bytes()
+        card = hub._read(files["README.md"]).decode()
+        snippet = card.split("## How to use")[1].split("```python\n")[1].split("```")[0]
+        assert 'hf_hub_download("me/tiny-vit", "example.png")' in snippet and str(out) not in card
+        ran = _run(snippet, tmp_path, {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1"})
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert {p["label"] for p in ast.literal_eval(ran.stdout.strip())} <= set(CLASSES), ran.stdout
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # published from a staging copy

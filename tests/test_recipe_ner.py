@@ -153,6 +153,17 @@ def test_trains_and_metrics_equal_seqeval_on_the_saved_model(family, models, dat
     found = tagger(" ".join(data["validation"][0]["tokens"]))
     assert all(entity["entity"] in labels and entity["entity"] != "O" for entity in found)
 
+    # The report's per-entity F1 plot: listed in eval_report.json and a valid PNG.
+    from PIL import Image
+
+    assert report_json["plots"]["entity_f1"] == "entity_f1.png"
+    plot = out / "entity_f1.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(plot) as image:
+        image.verify()
+    with Image.open(plot) as image:
+        assert image.format == "PNG" and min(image.size) > 100
+
 
 def test_conll_files_label_all_tokens_and_the_truncation_warning(models, data, tmp_path):
     from transformers import AutoTokenizer
