@@ -4,16 +4,17 @@ One recipe, two model families, picked from the checkpoint's `model_type`:
 
 - CTC (wav2vec2, hubert, ...; AutoModelForCTC), default `facebook/wav2vec2-base`. When the
   checkpoint has no tokenizer (pretrained-only checkpoints such as wav2vec2-base), a character
-  vocabulary is built from the transcripts of every split (`<pad>`=0 is the CTC blank, `<unk>`, `|`
-  the word delimiter, then every character seen; so references decode exactly, while a character
-  only evaluation data holds is never learned), written as vocab.json beside the model, so
-  `AutoProcessor.from_pretrained(OUTPUT_DIR)` works. A new `lm_head` of that size is created
-  (ignore_mismatched_sizes), `ctc_loss_reduction="mean"`, `ctc_zero_infinity=True` (a transcript
-  longer than its audio's frames gives a zero loss instead of inf), `layerdrop=0` (LayerDrop skips
-  whole layers, which DDP without find_unused_parameters rejects). The convolutional feature encoder
-  stays frozen under every strategy (pipelines/models.py `always_frozen`, plus
-  `model.freeze_feature_encoder()`). Evaluation decodes greedily: argmax per frame, then CTC
-  collapsing (repeats merged, blanks dropped) by the tokenizer.
+  vocabulary is built from the train split's transcripts (`<pad>`=0 is the CTC blank, `<unk>`, `|`
+  the word delimiter, then every character seen in training), written as vocab.json beside the
+  model, so `AutoProcessor.from_pretrained(OUTPUT_DIR)` works. A character that only evaluation
+  data holds becomes <unk> in that split's labels (for the loss); WER/CER score against the
+  transcript text itself, so the model's miss counts as an error, as it would for a user.
+  A new `lm_head` of that size is created (ignore_mismatched_sizes), `ctc_loss_reduction="mean"`,
+  `ctc_zero_infinity=True` (a transcript longer than its audio's frames gives a zero loss instead of
+  inf), `layerdrop=0` (LayerDrop skips whole layers, which DDP without find_unused_parameters rejects).
+  The convolutional feature encoder stays frozen under every strategy (pipelines/models.py
+  `always_frozen`, plus `model.freeze_feature_encoder()`). Evaluation decodes greedily: argmax per
+  frame, then CTC collapsing (repeats merged, blanks dropped) by the tokenizer.
 - Whisper (AutoModelForSpeechSeq2Seq), default `openai/whisper-small` (recipes/configs/asr_whisper.yaml).
   Options `--language` (default english) and `--task` (transcribe|translate) set the decoder prompt of
   multilingual checkpoints; English-only (`*.en`) checkpoints ignore them. Labels are the tokenizer's
@@ -39,7 +40,9 @@ forward pass cannot take it. The default train split is LibriSpeech's `train.100
 it but with a `train` split trains on `train`.
 
 Metrics: corpus WER and CER (pipelines/metrics wer_cer, jiwer) after the same normalisation of
-hypotheses and references, chosen with `--normalizer` and described in `recipe.normalization`:
+hypotheses and references, chosen with `--normalizer` and described in `recipe.normalization`. The
+references are the evaluation split's transcripts as text (kept at preprocessing), never labels decoded
+back through the vocabulary, which would turn a character the vocabulary lacks into <unk>:
 - basic (default): lower-case; every character that is not a letter, digit, apostrophe or space
   becomes a space (so "i.e." -> "i e", "well-known" -> "well known", LibriSpeech style); curly
   apostrophes become straight ones; whitespace collapsed.
@@ -336,21 +339,21 @@ class AsrRecipe(Recipe):
         from pipelines.models import load_pretrained, load_processor, resolve_model
 
         extractor = load_processor(AutoFeatureExtractor, cfg.model, cfg)
-        transcripts = {split: [clean_transcript(t) for t in ds[self.text_column]] for split, ds in splits.items()}
+        train_transcripts = [clean_transcript(t) for t in splits["train"][self.text_column]]
         try:
             tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model), trust_remote_code=cfg.trust_remote_code)
             if not hasattr(tokenizer, "word_delimiter_token"):
                 raise TypeError(f"{type(tokenizer).__name__} is not a CTC tokenizer")
         except (OSError, TypeError, ValueError, KeyError, AttributeError):
-            # Pretrained-only checkpoints have no tokenizer: characters of the transcripts, every split's
-            # (so references decode exactly; a character only the evaluation splits hold is never learned).
-            tokenizer = build_ctc_tokenizer(t for texts in transcripts.values() for t in texts)
+            # Pretrained-only checkpoints have no tokenizer: the characters of the training transcripts only,
+            # as a user's own run would have (scoring uses the reference text, so nothing else needs them).
+            tokenizer = build_ctc_tokenizer(train_transcripts)
             say(f"asr: {cfg.model} has no CTC tokenizer; built a character vocabulary of {len(tokenizer)} symbols "
-                  "from the transcripts (saved as vocab.json with the model)")
+                  "from the train transcripts (saved as vocab.json with the model)")
         else:
             vocab = tokenizer.get_vocab()
             delimiter = tokenizer.word_delimiter_token
-            unknown = sorted({ch for t in transcripts["train"] for ch in t if ch != " " and ch not in vocab})
+            unknown = sorted({ch for t in train_transcripts for ch in t if ch != " " and ch not in vocab})
             if unknown:
                 say(f"asr: warning: characters of the train transcripts missing from {cfg.model}'s vocabulary "
                       f"(they become {tokenizer.unk_token}): {''.join(unknown)[:80]!r}; "
@@ -415,10 +418,10 @@ class AsrRecipe(Recipe):
         cast = splits.cast_column(audio, datasets.Audio(decode=False))
 
         def encode(batch, indices):
-            out = {"input_audio": [], "labels": [], "length": [], "problem": [], "name": []}
+            out = {"input_audio": [], "labels": [], "length": [], "problem": [], "name": [], "text": []}
             transcripts = [clean_transcript(t) for t in batch[text]]
             label_ids = tokenizer(transcripts).input_ids
-            for index, value, ids in zip(indices, batch[audio], label_ids):
+            for index, value, ids, transcript in zip(indices, batch[audio], label_ids, transcripts):
                 name, problem = audio_name(value, index), ""
                 try:
                     samples = read_audio(value, rate)
@@ -435,6 +438,7 @@ class AsrRecipe(Recipe):
                 out["length"].append(len(samples))
                 out["problem"].append(problem)
                 out["name"].append(name)
+                out["text"].append(transcript)
             return out
 
         features = datasets.Features({
@@ -443,15 +447,19 @@ class AsrRecipe(Recipe):
             "length": datasets.Value("int64"),
             "problem": datasets.Value("string"),
             "name": datasets.Value("string"),
+            "text": datasets.Value("string"),
         })
         encoded = {}
         self.kept_names = {}  # id(raw split) -> file names of the examples kept, for the report's example rows
+        self.references = {}  # split -> (hash of the label ids, transcript) per example kept, in dataset order
         for split, ds in cast.items():
             ds = ds.map(encode, batched=True, batch_size=64, with_indices=True, remove_columns=ds.column_names,
                         features=features, desc=f"decoding {split} audio")
             ds = self._filter(split, ds, rate, min_seconds, max_seconds)
             self.kept_names[id(splits[split])] = list(ds["name"])
-            encoded[split] = ds.remove_columns(["problem", "name"])
+            # Hashes, not the ids: a compact key even for a large train split (scripts/evaluate.py --split train).
+            self.references[split] = ([hash(tuple(ids)) for ids in ds["labels"]], list(ds["text"]))
+            encoded[split] = ds.remove_columns(["problem", "name", "text"])
         return datasets.DatasetDict(encoded).with_format("numpy")
 
     def _filter(self, split, ds, rate, min_seconds, max_seconds):
@@ -525,19 +533,35 @@ class AsrRecipe(Recipe):
 
     # -------------------------------------------------------------- metrics
     def decode(self, gathered):
-        """(hypotheses, references) as raw strings from the gathered id arrays (-100 is padding)."""
+        """(hypotheses, references) as raw strings: hypotheses decoded from the gathered ids (-100 is
+        padding), references the transcripts themselves (see reference_texts)."""
         import numpy as np
 
         pad = self.tokenizer.pad_token_id
         predictions = [np.where(p != -100, p, pad).tolist() for p in gathered["predictions"]]
-        references = [np.where(r != -100, r, pad).tolist() for r in gathered["references"]]
         if self.family == "whisper":
             hyps = self.tokenizer.batch_decode(predictions, skip_special_tokens=True)
-            refs = self.tokenizer.batch_decode(references, skip_special_tokens=True)
         else:
             hyps = self.tokenizer.batch_decode(predictions)  # CTC: repeats merged, blanks (<pad>) dropped
-            refs = self.tokenizer.batch_decode(references, group_tokens=False)
-        return hyps, refs
+        return hyps, self.reference_texts(gathered["references"])
+
+    def reference_texts(self, labels) -> list:
+        """The transcripts behind gathered label rows, as text.
+
+        Trainer.evaluate gathers a whole split in dataset order (gather_for_metrics drops the repeats
+        that pad the last batch across processes), so its label rows equal, in order, those of one split
+        kept at preprocessing: that split's transcripts are the references. Decoding the labels instead
+        would turn every character the vocabulary lacks into <unk> in the reference, which a model then
+        matches by emitting <unk>. Rows that match no whole split (a hand-made subset) fall back to the
+        decoded labels."""
+        rows = [[int(i) for i in row if i != -100] for row in labels]
+        keys = [hash(tuple(ids)) for ids in rows]
+        for split_keys, texts in getattr(self, "references", {}).values():
+            if split_keys == keys:
+                return list(texts)
+        if self.family == "whisper":
+            return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        return self.tokenizer.batch_decode(rows, group_tokens=False)
 
     def compute_metrics(self, gathered, cfg):
         from pipelines.metrics import compute
