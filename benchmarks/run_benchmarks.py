@@ -531,7 +531,8 @@ def report(sizes, results: dict) -> str:
 
 NOTES = """## Notes: where the differences come from
 
-Measured while developing, separately from the tables above (same machine, quieter moments).
+Measured while developing, separately from the tables above. Two kinds of machine have run this: an AMD
+EPYC with AVX2 only (2026-11-22) and an Intel Xeon with AVX512-BF16/AMX (2026-12-01, the tables above).
 
 - **Length-grouped batches** (`group_by_length`, our default) do most of it: SST-2's training rows are
   mostly short phrases, so a random batch of 32 is ~67% padding and a length-grouped one ~7% (~24%
@@ -539,24 +540,31 @@ Measured while developing, separately from the tables above (same machine, quiet
 - **Fused AdamW** (`fused=True`, transformers.Trainer's default too): on the CPU, torch's default AdamW
   takes ~0.28 s a step for MiniLM's 22.7M parameters, the fused kernel ~0.03 s.
 - **`pad_to_multiple_of: null` on a CPU** (recipes/configs/cpu_fast.yaml): multiples of 8 only help GPU
-  tensor cores. **bf16 autocast** is ~25x slower than fp32 on this AVX2-only CPU: recommended only with
-  native bf16 (AVX512-BF16 or AMX).
-- **Start-up**: nothing imports `evaluate`, `peft`, matplotlib or scikit-learn before the first step any
-  more (the LR schedule no longer comes from transformers.optimization, whose import pulls in
+  tensor cores. **bf16 autocast** was ~25x slower than fp32 on the AVX2-only CPU; with native bf16 the
+  benchmark adds `--mixed-precision bf16` to the recommended settings (the CPU-precision section says
+  what one small step costs each way on the machine at hand).
+- **Start-up**: nothing imports `evaluate`, `peft`, matplotlib or scikit-learn before the first step
+  (the LR schedule does not come from transformers.optimization, whose import pulls in
   transformers.trainer_utils and peft), and the sampler reads the length column once (indexing a
-  `datasets` Column costs ~0.1 ms a row). What remains beyond the bare import, ~3.7 s on a quiet
-  machine: importing the transformers model classes ~1.8 s (transformers 5 itself: hub_kernels ->
-  continuous batching -> torch._dynamo, core_model_loading -> torch.distributed.tensor -> sympy,
-  loss_utils -> scipy.optimize), data + tokenizer + model loading ~0.8 s (tokenization from the cache;
-  `datasets` pickles the tokenizer once per split to fingerprint the map), Accelerate and TensorBoard
-  ~0.1 s, the first training step ~0.5 s (its optimizer step allocates Adam's state).
-- **Whisper**: the encoder always sees a 30-s window; at ~265 ms a clip (about 90% of the measured
-  matmul rate) it is ~40% of the one-at-a-time time, and batching cannot shrink it (on a CPU it is
-  fastest one clip at a time). Batching speeds up the decoder (~470 -> ~180 ms a clip at 16), so the
-  ceiling here is ~1.7x. T5's decoder dominates, and batching gives ~3x.
-- **LoRA memory**: for a 23M-parameter model the process floor (~450 MB of libraries) and the
-  activations, which LoRA barely shrinks (gradients still flow down to layer 0), outweigh what LoRA
-  saves (gradients and Adam state of the frozen weights, ~270 MB).
+  `datasets` Column costs ~0.1 ms a row). Most of what remains is transformers 5 itself: importing
+  `AutoTokenizer` and `BertForSequenceClassification` after the bare import (the start-up table's
+  second row) pulls in torch._dynamo (masking_utils), torch.distributed.tensor and sympy
+  (core_model_loading) and scipy.optimize (loss_utils), and transformers.Trainer pays it too. Ours on top
+  of that, ~1.6 s: loading the data and tokenizer (~0.2 s), tokenizing or reading the cache (~0.4 s, most
+  of it `datasets` pickling the tokenizer in pure Python to fingerprint each split's map), the weights
+  (~0.4 s of transformers' loading code) and the first training step (~0.5 s, Adam's state allocated).
+  A fingerprint from the tokenizer's serialized state (~4 ms) instead of its pickle would save ~0.3 s.
+- **Whisper**: the encoder always sees a 30-s window. On the Xeon it takes ~210 ms a clip one at a
+  time and ~275 ms a clip in a batch of 16 (a batch's activations fall out of cache; ~210 ms in 4s),
+  while the decoder goes from ~355 ms a clip alone to ~140 ms in 16s. One at a time is ~565 ms a clip,
+  batched ~415 ms: the encoder bounds the speed-up (even with chunks of 4 for the encoder, ~1.6x). T5's
+  decoder dominates, and batching gives ~3x.
+- **LoRA memory**: the heap peak of full fine-tuning holds the weights (91 MB), their gradients (91 MB)
+  and Adam's two moments (182 MB) beside the activations; LoRA keeps the weights and the activations,
+  which it barely shrinks (gradients still flow down to layer 0, and LoRA's dropout keeps a copy of each
+  adapted projection's input: `--lora-dropout 0` took the peak from ~537 to ~490 MB in a short run). On
+  this 23M-parameter model that puts LoRA right at 0.7x; the larger the model against its activations,
+  the lower the ratio. Peak RSS barely moves (0.9x): ~0.5 GB of it is the libraries.
 """
 
 
