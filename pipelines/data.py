@@ -156,7 +156,12 @@ def load_raw_splits(cfg, folder_builder: str | None = None):
         try:
             raw = datasets.load_dataset(source, cfg.dataset_config, revision=cfg.dataset_revision)
         except Exception as e:
-            raise UserError(f"could not load dataset '{source}' from the Hugging Face Hub ({_first_line(e)}). {HUB_HINT}") from None
+            from huggingface_hub import constants
+
+            # Offline, datasets says "not cached in None": say what the user can act on.
+            offline_miss = constants.HF_HUB_OFFLINE and "not cached" in _first_line(e)
+            reason = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline_miss else _first_line(e)
+            raise UserError(f"could not load dataset '{source}' from the Hugging Face Hub ({reason}). {HUB_HINT}") from None
     return arrange_splits(raw, cfg)
 
 

@@ -213,7 +213,7 @@ ROWS = [
     ("Hub model, offline", None, lambda w: sentiment(w, "--model", "someone/model-not-in-any-cache"),
      "Point --model at a local folder", "inline", {}),
     ("Hub dataset, offline", None, lambda w: ["--model", w["bert"], "--dataset", "someone/dataset-not-in-any-cache"],
-     "Use local files instead", "inline", {}),
+     "(HF_HUB_OFFLINE is set and it is not in the local cache). Use local files instead", "inline", {}),
     ("unreachable Hub endpoint", None, lambda w: sentiment(w, "--model", "someone/model-not-in-any-cache"),
      "could not reach the Hugging Face Hub at http://127.0.0.1:9", "process", {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}),
 ]
