@@ -60,6 +60,7 @@ import re
 import unicodedata
 from pathlib import Path
 
+from pipelines.data import for_map
 from pipelines.distributed import synced_gpus
 from pipelines.errors import UserError
 from pipelines.recipe import Recipe, resolve_column
@@ -409,7 +410,7 @@ class AsrRecipe(Recipe):
         import numpy as np
 
         rate = processor.feature_extractor.sampling_rate
-        tokenizer = processor.tokenizer
+        tokenizer = for_map(processor.tokenizer)  # a cheap, exact cache fingerprint (pipelines/data.py)
         audio, text = self.audio_column, self.text_column
         whisper = self.family == "whisper"
         start = getattr(self, "decoder_start", None)

@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from pipelines.data import for_map
 from pipelines.errors import UserError
 from pipelines.recipe import Recipe, resolve_column
 
@@ -263,6 +264,7 @@ class NerRecipe(Recipe):
         index = {name: i for i, name in enumerate(self.labels)}
         following = continuation_ids(self.labels)
         splits = splits.filter(lambda row: len(row[words_col]) > 0, desc="dropping empty sentences")
+        tokenizer = for_map(tokenizer)  # a cheap, exact cache fingerprint (pipelines/data.py)
 
         def encode(batch, label_all):
             encoded = tokenizer(batch[words_col], is_split_into_words=True, truncation=True, max_length=max_length)

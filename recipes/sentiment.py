@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+from pipelines.data import for_map
 from pipelines.recipe import Recipe, classification_statistic, encode_labels, label_names_for, resolve_column
 
 
@@ -53,6 +54,7 @@ class SentimentRecipe(Recipe):
         max_length = min(cfg.max_length or tokenizer.model_max_length, tokenizer.model_max_length)
         text, pair, label = self.text_column, cfg.text_pair_column, self.label_column
         to_id = self.to_id
+        tokenizer = for_map(tokenizer)  # a cheap, exact cache fingerprint (pipelines/data.py)
 
         def encode(batch):
             texts = [t if t is not None else "" for t in batch[text]]

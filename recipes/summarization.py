@@ -11,6 +11,7 @@ sets), which makes it a noisy signal for early stopping and best-checkpoint sele
 
 from __future__ import annotations
 
+from pipelines.data import for_map
 from pipelines.distributed import synced_gpus
 from pipelines.errors import UserError
 from pipelines.recipe import Recipe, resolve_column
@@ -67,6 +68,7 @@ class SummarizationRecipe(Recipe):
         max_length = min(cfg.max_length or tokenizer.model_max_length, tokenizer.model_max_length)
         max_target_length = cfg.max_target_length or self.defaults["max_target_length"]
         text, target, prefix = self.text_column, self.target_column, self.prefix
+        tokenizer = for_map(tokenizer)  # a cheap, exact cache fingerprint (pipelines/data.py)
 
         def encode(batch):
             sources = [prefix + (t if t is not None else "") for t in batch[text]]
