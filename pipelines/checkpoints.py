@@ -36,12 +36,13 @@ def latest(out: Path):
     return found[-1] if found else None
 
 
-def save(accelerator, out: Path, state: dict) -> Path:
+def save(accelerator, out: Path, state: dict, run: dict | None = None) -> Path:
     """Write a checkpoint; a failed write (disk full, read-only folder) is a UserError naming the folder,
-    and leaves the earlier checkpoints as they were (only the `.tmp-` folder is removed)."""
+    and leaves the earlier checkpoints as they were (only the `.tmp-` folder is removed). `run` (the resolved
+    options and the number of processes) goes into trainer_state.json, for --resume to check against."""
     tmp = Path(out) / "checkpoints" / f".tmp-{checkpoint_name(state['global_step'])}"
     try:
-        return _save(accelerator, out, state)
+        return _save(accelerator, out, state, run)
     except Exception as e:
         if not is_write_error(e):
             raise
@@ -109,7 +110,7 @@ def write_error(e: BaseException, what: str, where: Path, kept: str, again: str 
                      f"free disk space or fix the folder's permissions, then {again}")
 
 
-def _save(accelerator, out: Path, state: dict) -> Path:
+def _save(accelerator, out: Path, state: dict, run: dict | None = None) -> Path:
     from pipelines.trainer import write_json
 
     folder = Path(out) / "checkpoints"
@@ -122,7 +123,7 @@ def _save(accelerator, out: Path, state: dict) -> Path:
     accelerator.save_state(str(tmp))  # model, optimizer, scheduler, RNG states (every process writes its own)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json(tmp / STATE_FILE, state)
+        write_json(tmp / STATE_FILE, {**state, "run": run} if run else state)
         if final.exists():  # the same step saved again (after a resume): swap, never delete first
             old = folder / f".old-{name}"
             os.replace(final, old)
@@ -137,7 +138,20 @@ def _save(accelerator, out: Path, state: dict) -> Path:
 def load(accelerator, folder: Path) -> dict:
     accelerator.load_state(str(folder))
     with open(Path(folder) / STATE_FILE, encoding="utf-8") as f:
-        return json.load(f)
+        state = json.load(f)
+    state.pop("run", None)  # the options it was written with: checked before (run_record), not progress
+    return state
+
+
+def run_record(folder: Path) -> dict | None:
+    """What `save` recorded of the run that wrote a checkpoint ({"config": ..., "num_processes": N}), or None
+    for a checkpoint written before it recorded that."""
+    try:
+        with open(Path(folder) / STATE_FILE, encoding="utf-8") as f:
+            record = json.load(f).get("run")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def load_model_weights(accelerator, folder: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -49,11 +50,31 @@ def main(argv=None) -> int:
         print("interrupted: the last complete checkpoint is intact; continue with --resume", file=sys.stderr)
         return 130
     if _is_main_process():
-        split = "test" if "test" in summary["results"] else "validation"
-        metrics = {k: v for k, v in summary["results"][split].items() if isinstance(v, float)}
-        print(f"done: model and reports in {cfg.output_dir}; {split}: "
-              + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        print(done_line(cfg, RECIPES[cfg.recipe], summary))
     return 0
+
+
+def done_line(cfg, recipe, summary: dict) -> str:
+    """The closing line: the main metric with its 95% bootstrap interval (from eval_report.json), at most two
+    other overall metrics, and where the report with all the rest is."""
+    split = "test" if "test" in summary["results"] else "validation"
+    metrics, interval, samples = summary["results"][split], None, None
+    report_json = Path(cfg.output_dir) / "eval_report.json"
+    try:
+        report = json.loads(report_json.read_text(encoding="utf-8"))
+        if report.get("config_hash") == summary.get("config_hash"):  # this run's report, not an older one
+            split, metrics = report["split"], report["metrics"]
+            interval, samples = report.get("confidence_interval"), report.get("samples")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no readable report: the run's own numbers
+        pass
+    from pipelines.report import headline_metrics
+
+    values = headline_metrics(metrics, recipe.main_metric, interval,
+                              "no interval: --bootstrap-samples 0" if cfg.bootstrap_samples == 0 else "")
+    where = Path(cfg.output_dir) / "eval_report.md"
+    counted = f" ({samples} examples)" if samples else ""
+    return (f"done: model and reports in {cfg.output_dir}; {split}{counted}: {values}; "
+            f"every metric in {where if where.exists() else report_json}")
 
 
 def write_failure(e: OSError, out) -> str | None:

@@ -5,12 +5,16 @@
   the folder when --push-to-hub or --push-to-git was given.
 - `Evaluator`: evaluates any model (an output folder or a Hub id, LoRA adapters of either kind) on one
   split of a dataset with a recipe's preprocessing and metrics, and writes the same report, without
-  training. It is a Trainer that skips the training set-up and reuses `Trainer.evaluate`, the one
-  evaluation loop, so the numbers are computed exactly as at the end of a run.
+  training. It loads that split alone and scores it whole (no validation carved off, no training data
+  needed), with the model's own labels: its config's id2label, the data's labels mapped to them by name
+  (integers by id, --label-map for other names); the model's head is never replaced. It is a Trainer
+  that skips the training set-up and reuses `Trainer.evaluate`, the one evaluation loop, so the numbers
+  are computed exactly as at the end of a run.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -185,6 +189,72 @@ def adapter_base(model: str, cfg=None) -> str | None:
                         "is it a peft adapter?") from None
 
 
+# Recipes whose models predict labels (pipeline tags): evaluation uses the model's id2label.
+LABELLED_TASKS = ("text-classification", "token-classification", "image-classification")
+
+
+def model_labels(cfg, base: str | None, on_hub: bool):
+    """The evaluated model's labels (pipelines.recipe.ModelLabels): id2label of its config.json. For an adapter,
+    the run's fine-tuned config.json beside it (a LoRA run saves one: labels, head size), else the base's."""
+    from transformers import AutoConfig
+
+    from pipelines.models import load_processor, resolve_model
+    from pipelines.recipe import ModelLabels
+
+    folder = os.path.expanduser(cfg.model)
+    if base:
+        path = os.path.join(folder, "config.json") if not on_hub else _hub_file(cfg.model, "config.json", cfg.revision)
+        if path and os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    config = json.load(f)
+            except (OSError, ValueError) as e:
+                raise UserError(f"could not read {path}: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
+            id2label = config.get("id2label") or {i: f"LABEL_{i}" for i in range(int(config.get("num_labels", 2)))}
+            names = [str(id2label[key]) for key in sorted(id2label, key=int)]
+            return ModelLabels(names, path if not on_hub else f"{cfg.model}/config.json", from_adapter=True)
+        source, revision = base, None
+    else:
+        source, revision = cfg.model, cfg.revision
+    location = resolve_model(source)
+    extra = {"revision": revision} if revision and not os.path.isdir(location) else {}
+    config = load_processor(AutoConfig, source, cfg, **extra)
+    names = [str(config.id2label[key]) for key in sorted(config.id2label, key=int)]
+    where = os.path.join(location, "config.json") if os.path.isdir(location) else f"{source}/config.json"
+    return ModelLabels(names, where, from_adapter=bool(base))
+
+
+def load_adapter(model, cfg, on_hub: bool, trained_head: bool):
+    """peft's adapter (cfg.model) on the base model. With trained_head (a classification recipe), the adapter must
+    hold the trained head (modules_to_save): the base's head was only sized for the run's labels."""
+    from peft import PeftModel
+
+    extra = {"revision": cfg.revision} if on_hub and cfg.revision else {}
+    try:
+        model = PeftModel.from_pretrained(model, os.path.expanduser(cfg.model), **extra)
+    except RuntimeError as e:  # e.g. a saved head of another size than its config.json says
+        raise UserError(f"could not load the adapter {cfg.model}: {' '.join(str(e).split())[:300]}") from None
+    if trained_head and not any(".modules_to_save." in name for name, _ in model.named_parameters()):
+        raise UserError(f"the adapter {cfg.model} holds no trained classification head (peft modules_to_save), so its "
+                        "predictions would come from an untrained one; evaluate a run's output folder, or a merged model")
+    return model
+
+
+def evaluated_split(splits):
+    """The one split scripts/evaluate.py scores, as the recipe gets it. Recipes written for training read the data's
+    columns from splits["train"] (e.g. to drop them after tokenizing); here the evaluated split answers for it, while
+    iterating the splits (mapping, checking labels, messages) sees only the evaluated one under its own name."""
+    import datasets
+
+    class EvaluatedSplit(datasets.DatasetDict):
+        def __getitem__(self, key):
+            if key == "train" and key not in self:
+                return next(iter(self.values()))
+            return super().__getitem__(key)
+
+    return EvaluatedSplit(splits)
+
+
 class Evaluator(Trainer):
     """Evaluate a model on one split without training (see the module docstring)."""
 
@@ -202,7 +272,9 @@ class Evaluator(Trainer):
             raise UserError(f"--output-dir {out} is a file; give a folder path")
         if split == "test" and not cfg.test_split:
             cfg = dataclasses.replace(cfg, test_split="test")  # e.g. sentiment, whose default is no test split
-        self.cfg, self.recipe, self.split, self.out = cfg, recipe, split, out
+        # A copy: evaluation sets the model's labels on it (recipes.RECIPES holds one shared object per recipe).
+        self.cfg, self.recipe, self.split, self.out = cfg, copy.copy(recipe), split, out
+        self.recipe.evaluating = True
         self.accelerator = make_accelerator(cfg)
         self.log_path = None  # no training log: no learning curves
         self.eval_orders = {}
@@ -210,7 +282,7 @@ class Evaluator(Trainer):
     def setup(self) -> None:
         from accelerate.utils import set_seed
 
-        from pipelines.data import load_raw_splits
+        from pipelines.data import load_raw_splits, only_split
 
         cfg, acc, recipe = self.cfg, self.accelerator, self.recipe
         set_seed(cfg.seed)
@@ -218,21 +290,17 @@ class Evaluator(Trainer):
         # --revision names the evaluated repo's revision: for a Hub adapter, the adapter's, not its base's.
         on_hub = bool(base) and not os.path.isdir(os.path.expanduser(cfg.model))
         with acc.main_process_first():
-            splits = getattr(recipe, "load_splits", load_raw_splits)(cfg, getattr(recipe, "folder_builder", None))
-            if self.split not in splits:
-                raise UserError(f"the dataset has no {self.split} split (it has: {', '.join(splits)})")
+            # Just the split to score, whole: no validation carved off, no train split needed.
+            loaded = getattr(recipe, "load_splits", load_raw_splits)(only_split(cfg, self.split),
+                                                                     getattr(recipe, "folder_builder", None))
+            splits = evaluated_split(loaded)
+            if recipe.pipeline_tag in LABELLED_TASKS:  # the model's labels, never a label set of the data's
+                recipe.model_labels = model_labels(cfg, base, on_hub)
             # An adapter folder: the recipe builds the base model exactly as for training, then peft adds the adapter.
             base_cfg = dataclasses.replace(cfg, model=base, revision=None if on_hub else cfg.revision) if base else cfg
             model, self.processor = recipe.load(base_cfg, splits)
             if base:
-                from peft import PeftModel
-
-                extra = {"revision": cfg.revision} if on_hub and cfg.revision else {}
-                model = PeftModel.from_pretrained(model, os.path.expanduser(cfg.model), **extra)
-            if self.split != "train":
-                # The label set came from the whole train split in load(); preprocessing all of it would
-                # only cost time.
-                splits["train"] = splits["train"].select(range(min(len(splits["train"]), 64)))
+                model = load_adapter(model, cfg, on_hub, trained_head=recipe.model_labels is not None)
             encoded = recipe.preprocess(splits, self.processor, cfg)
         self.raw_split = splits[self.split]
         loader = self.eval_loader(self.split, encoded[self.split], recipe.collator(self.processor, cfg))
@@ -258,7 +326,7 @@ def evaluate_main(argv) -> int:
     import sys
 
     from pipelines.cli import quiet_libraries
-    from pipelines.config import parse_args
+    from pipelines.config import format_help, parse_args
     from recipes import RECIPES
 
     pre = argparse.ArgumentParser(
@@ -270,8 +338,8 @@ def evaluate_main(argv) -> int:
     pre.add_argument("--split", default="validation", choices=SPLITS, help="split to evaluate (default validation)")
     pre.add_argument("-h", "--help", action="store_true")
     known, rest = pre.parse_known_args(argv)
-    if known.help:
-        pre.print_help()
+    if known.help:  # --split, then every option of scripts/run.py with the named recipe's defaults
+        print(format_help(rest, RECIPES, "evaluate.py", head=pre))
         return 0
     quiet_libraries()
     cfg = None
@@ -300,6 +368,9 @@ def evaluate_main(argv) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     if evaluator.accelerator.is_main_process:
-        values = ", ".join(f"{k} {v:.4f}" for k, v in report["metrics"].items() if isinstance(v, float))
-        print(f"done: {known.split} ({report.get('samples', '?')} examples): {values}; report in {cfg.output_dir}")
+        from pipelines.report import headline_metrics
+
+        values = headline_metrics(report["metrics"], evaluator.recipe.main_metric, report.get("confidence_interval"))
+        print(f"done: {known.split} ({report.get('samples', '?')} examples): {values}; every metric in "
+              f"{os.path.join(cfg.output_dir, 'eval_report.md')}")
     return 0

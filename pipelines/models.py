@@ -118,13 +118,13 @@ def load_pretrained(auto_class, name: str, cfg, **kwargs):
         raise _load_error(name, source, e) from None
     except ValueError as e:
         text = str(e).splitlines()[0]
-        if "Unrecognized configuration class" in text or "Unrecognized model" in text:
-            raise UserError(
-                f"model {name} ({_model_type(source)}) cannot be used for recipe '{cfg.recipe}': "
-                f"{auto_class.__name__} does not support it. Choose a model of a family this task supports."
-            ) from None
         if "custom code" in str(e) or "trust_remote_code" in str(e):
             raise _load_error(name, source, e) from None
+        if "Unrecognized configuration class" in text or "Unrecognized model" in text:
+            takes = RECIPE_MODELS.get(cfg.recipe, ((), "other models"))[1]
+            raise _wrong_kind(name, source, cfg.recipe) or UserError(
+                f"model {name} ({_model_type(source)}) cannot be used for recipe '{cfg.recipe}': "
+                f"{auto_class.__name__} does not support it; this recipe takes {takes}") from None
         raise UserError(f"could not load model {name}: {text}") from None
 
 
@@ -134,7 +134,49 @@ def load_processor(auto_class, name: str, cfg, **kwargs):
     try:
         return auto_class.from_pretrained(source, **kwargs)
     except (OSError, EnvironmentError, ValueError) as e:
-        raise _load_error(name, source, e, what="processor/tokenizer") from None
+        # A model for another kind of input (an image model has no tokenizer) fails here first: say that,
+        # not the loader's half sentence ("Couldn't instantiate the backend tokenizer from one of: ").
+        wrong_kind = _wrong_kind(name, source, cfg.recipe)
+        raise wrong_kind or _load_error(name, source, e, what="processor/tokenizer") from None
+
+
+# What each recipe's models read, and which kinds of model (model_kind) it takes.
+RECIPE_MODELS = {
+    "sentiment": (("text", "encoder-decoder text"), "text models (bert, roberta, distilbert, ...)"),
+    "ner": (("text", "encoder-decoder text"), "text models with a fast tokenizer (bert, roberta, ...)"),
+    "summarization": (("encoder-decoder text",), "encoder-decoder text models (t5, bart, ...)"),
+    "asr": (("speech",), "speech models: CTC (wav2vec2, hubert, wavlm, ...) or whisper"),
+    "image-classification": (("image", "image-text"), "image models (vit, convnext, resnet, ...)"),
+}
+
+
+def model_kind(model_type: str | None) -> str | None:
+    """"text", "encoder-decoder text", "speech", "image" or "image-text", from transformers' own model tables;
+    None for a model type transformers does not know (custom code)."""
+    from transformers.models.auto import modeling_auto as m
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
+
+    if model_type in m.MODEL_FOR_CTC_MAPPING_NAMES or model_type in m.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES:
+        return "speech"
+    if model_type in IMAGE_PROCESSOR_MAPPING_NAMES:
+        return "image-text" if model_type in TOKENIZER_MAPPING_NAMES else "image"
+    if model_type in m.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+        return "encoder-decoder text"
+    return "text" if model_type in CONFIG_MAPPING_NAMES else None
+
+
+def _wrong_kind(name: str, source: str, recipe: str) -> UserError | None:
+    """The error for a local model of a kind the recipe does not take (an image model for a text recipe); None
+    when its kind fits or is unknown (a Hub id, custom code)."""
+    kinds, takes = RECIPE_MODELS.get(recipe, ((), "other models"))
+    kind = model_kind(_model_type(source).removeprefix("model_type ")) if os.path.isdir(source) else None
+    if kind is None or kind in kinds:
+        return None
+    article = "an" if kind[0] in "aeiou" else "a"
+    return UserError(f"model {name} ({_model_type(source)}) cannot be used for recipe '{recipe}': it is {article} "
+                     f"{kind} model, and this recipe takes {takes}")
 
 
 def _model_type(source: str) -> str:

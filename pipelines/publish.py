@@ -3,6 +3,9 @@
 Only what a user of the model needs is published: safetensors weights, configs, tokenizer/processor
 files, adapter files, the model card, eval reports and plots. Training state (checkpoints, optimizer,
 RNG states, tensorboard events) stays local unless asked for; pickle weights are never published.
+Only a finished run is published (run_summary.json, written last by the trainer), unless forced; a
+checkpoint or an evaluation report folder never is. The remote ends up holding exactly the published
+files: what an earlier publish left there and this one does not include is deleted in the same commit.
 """
 
 from __future__ import annotations
@@ -40,7 +43,9 @@ TRAINING_STATE = [
     "*optimizer*", "*scheduler.bin", "*scheduler.pt", "*random_states*", "*rng_state*", "*training_args.bin",
 ]
 # Partial writes (.tmp*) and caches are never useful to anyone downloading the model.
-ALWAYS_IGNORED = [".tmp*", "*/.tmp*", ".git/*", "*/.git/*", ".cache/*", "*/.cache/*"]
+# ... and the bookkeeping of a run in progress (pipelines/trainer.py INTERNAL): a staged run, the swap, the lock.
+ALWAYS_IGNORED = [".tmp*", "*/.tmp*", ".git/*", "*/.git/*", ".cache/*", "*/.cache/*", ".next-run/*", ".old-final/*",
+                  ".swap.json*", ".run.lock*"]
 PICKLE_WEIGHTS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle"]
 # Git route: the Hub's default .gitattributes LFS patterns, plus images (the Hub refuses binaries in git).
 GIT_LFS_PATTERNS = [
@@ -51,6 +56,9 @@ GIT_LFS_PATTERNS = [
     "*.wav", "*.flac", "*.mp3", "*.ogg",
 ]
 HUB_GIT_HOSTS = ("huggingface.co", "hf.co")  # git remotes that are Hub repositories
+# pipelines/trainer.py FINISHED_MARKER (written last by a run), named here: importing the trainer imports torch,
+# 3-4 s before a refusal could be said.
+FINISHED_MARKER = "run_summary.json"
 
 
 def _patterns(include_checkpoints: bool) -> tuple[list[str], list[str]]:
@@ -85,6 +93,50 @@ def select_files(folder: str | os.PathLike, include_checkpoints: bool = False) -
     if not chosen:
         raise UserError(f"nothing to publish in {root}: no model, tokenizer, card or report files found")
     return chosen
+
+
+def check_finished_run(folder, allow_unfinished: bool = False) -> None:
+    """Refuse, before any request, a folder that is not a finished run's output folder.
+
+    A finished run holds run_summary.json (the trainer writes it last). A checkpoint (trainer state for
+    --resume, not a loadable model) and a report folder of scripts/evaluate.py (no model at all) are
+    always refused; another unfinished folder (a killed run) only unless `allow_unfinished`, and then
+    only if it holds model weights.
+    """
+    from pipelines.checkpoints import STATE_FILE
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"output folder not found: {root}")
+    if (root / FINISHED_MARKER).is_file():
+        return
+    has_weights = any(root.glob("*.safetensors"))
+    here = root.resolve()
+    in_checkpoints = here.parent.name == "checkpoints"  # OUTPUT_DIR/checkpoints/step-N (pipelines/checkpoints.py)
+    if (root / STATE_FILE).is_file() or (in_checkpoints and re.fullmatch(r"(\.tmp-)?step-\d+", here.name)):
+        run_dir = here.parent.parent if in_checkpoints else None
+        if run_dir is not None and (run_dir / FINISHED_MARKER).is_file():
+            todo = f"publish the run's output folder {run_dir} instead"
+        else:
+            todo = (f"finish the run with `python scripts/run.py <its options> --output-dir {run_dir or 'OUTPUT_DIR'} "
+                    f"--resume`, then publish the run's output folder{f' {run_dir}' if run_dir else ''}")
+        raise UserError(f"refusing to publish {root}: it is a training checkpoint (state for --resume, not a "
+                        f"loadable model) and has no {FINISHED_MARKER}; {todo}")
+    if (root / "eval_report.json").is_file() and not has_weights:
+        raise UserError(f"refusing to publish {root}: it is an evaluation report folder (eval_report.json and plots "
+                        "from scripts/evaluate.py), not a model; publish the output folder of the run that trained "
+                        "the model")
+    if not allow_unfinished:
+        lacks = FINISHED_MARKER + ("" if has_weights else " and no model weights (*.safetensors)")
+        raise UserError(f"refusing to publish {root}: it is not a finished run, it has no {lacks} (the trainer writes "
+                        f"{FINISHED_MARKER} last: the run was stopped or is still running); finish it with "
+                        f"`python scripts/run.py <its options> --output-dir {root} --resume`, "
+                        "or pass --allow-unfinished to publish it as it is")
+    if not has_weights:
+        raise UserError(f"refusing to publish {root}: it holds no model weights (*.safetensors), so there is no "
+                        "model to publish even with --allow-unfinished; publish a run's output folder")
+    logger.warning("warning: publishing %s although it is not a finished run (no %s): its model may be "
+                   "half-trained and its card and reports missing or from an earlier run", root, FINISHED_MARKER)
 
 
 def _one_line(text: object) -> str:
@@ -194,8 +246,11 @@ def _remove_branch(api, repo_id: str, branch: str) -> str:
 
 def publish_to_hub(folder, repo_id: str, *, endpoint: str | None = None, token: str | None = None,
                    private: bool = False, revision: str | None = None, commit_message: str | None = None,
-                   include_checkpoints: bool = False) -> str:
+                   include_checkpoints: bool = False, allow_unfinished: bool = False) -> str:
     """Upload the publishable files of `folder` to `repo_id` in one commit; return the commit URL.
+
+    The branch then holds exactly these files (and .gitattributes): files an earlier publish left there
+    are deleted in the same commit. Only a finished run is published (see check_finished_run).
 
     The return value is huggingface_hub's CommitInfo, a str (the URL) whose `.oid` is the commit sha.
     Publishing an unchanged folder makes no commit and returns the current head. A run's card is
@@ -210,6 +265,7 @@ def publish_to_hub(folder, repo_id: str, *, endpoint: str | None = None, token: 
         validate_repo_id(repo_id)  # before any request: a typo must not create a stray repo
     except HFValidationError as e:
         raise UserError(f"invalid repo id {repo_id!r}: {_one_line(e)}") from None
+    check_finished_run(folder, allow_unfinished)
     files = select_files(folder, include_checkpoints)
     readme = _card(folder, repo_id=repo_id, revision=revision)
     # HF_ENDPOINT is read at call time too, in case it was set after huggingface_hub was imported.
@@ -237,9 +293,11 @@ def publish_to_hub(folder, repo_id: str, *, endpoint: str | None = None, token: 
             logger.info("publishing %d files from %s to %s/%s", len(files), folder, endpoint, repo_id)
             # One commit (Xet off, or small folders with Xet): the remote shows all of it or none of it.
             # Unchanged files are dropped by the client, so re-publishing makes no (empty) commit.
+            # delete_patterns="*": remote files of `revision` (only) that this publish does not include (a removed
+            # plot, an earlier --include-checkpoints) are deleted in the same commit; .gitattributes is kept.
             info = api.upload_folder(folder_path=str(source), repo_id=repo_id, revision=revision,
                                      commit_message=commit_message or "Publish model", allow_patterns=allow,
-                                     ignore_patterns=list(ignore))
+                                     ignore_patterns=list(ignore), delete_patterns="*")
         except Exception as e:
             failure = _failure(f"uploading {folder} to {repo_id}", endpoint, e)
             if new_branch:
@@ -301,17 +359,21 @@ def git_card_target(url: str) -> tuple[str | None, str]:
 
 
 def publish_to_git(folder, url: str, *, branch: str = "main", commit_message: str | None = None,
-                   include_checkpoints: bool = False) -> str:
+                   include_checkpoints: bool = False, allow_unfinished: bool = False) -> str:
     """Commit the publishable files of `folder` to `branch` of a git remote (large files via LFS); return the sha.
 
-    A run's card is rendered for the remote: its snippet loads the Hub repo for a Hub remote, else
-    the clone's folder."""
+    The branch then holds exactly these files (and .gitattributes): files an earlier publish left there
+    are deleted in the same commit; other branches are never touched. Only a finished run is published
+    (see check_finished_run). A run's card is rendered for the remote: its snippet loads the Hub repo
+    for a Hub remote, else the clone's folder."""
+    check_finished_run(folder, allow_unfinished)
     files = select_files(folder, include_checkpoints)
     check_git_remote(url)
     repo_id, clone_dir = git_card_target(url)
     readme = _card(folder, repo_id=repo_id, revision=branch, local_ref=clone_dir, clone_url=url)
-    # Never prompt for a password (it would hang a batch job); skip LFS downloads of files we overwrite anyway.
-    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_LFS_SKIP_SMUDGE": "1"}
+    # Never prompt for a password (it would hang a batch job); skip LFS downloads of files we overwrite anyway;
+    # paths given to add/rm are file names, not patterns (a plot named "[1].png").
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_LFS_SKIP_SMUDGE": "1", "GIT_LITERAL_PATHSPECS": "1"}
     with tempfile.TemporaryDirectory(prefix="publish-git-") as work:
         if _git("ls-remote", "--heads", url, branch, env=env):
             _git("clone", "--quiet", "--branch", branch, "--single-branch", url, work, env=env)
@@ -325,6 +387,11 @@ def publish_to_git(folder, url: str, *, branch: str = "main", commit_message: st
         if readme is not None:  # the card for this remote, in the work tree only
             (Path(work) / "README.md").write_bytes(readme.encode("utf-8"))
             files = sorted({*files, "README.md"})
+        # Files of an earlier publish that this one does not include (a removed plot, old checkpoints) go.
+        keep = {*files, ".gitattributes"}
+        stale = [p for p in _git("ls-files", "-z", cwd=work, env=env).split("\0") if p and p not in keep]
+        if stale:
+            _git("rm", "--quiet", "--", *stale, cwd=work, env=env)
         _write_gitattributes(Path(work), files)
         if subprocess.run(["git", "config", "user.email"], cwd=work, env=env, capture_output=True).returncode:
             # No identity configured (CI, containers): commit as the tool rather than fail.

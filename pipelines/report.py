@@ -36,6 +36,27 @@ LENGTH_BUCKETS = (5, 10, 20, 40)
 
 
 # ------------------------------------------------------------------------------------------------ bootstrap
+# The overall metrics printed beside a main metric (when present); every other one is in the report.
+COMPANIONS = {"accuracy": ("f1", "loss"), "f1": ("accuracy", "loss"), "wer": ("cer", "loss"), "cer": ("wer", "loss"),
+              "overall_f1": ("overall_precision", "overall_recall"), "rougeL": ("rouge1", "rouge2")}
+
+
+def headline_metrics(metrics: dict, main_metric: str, interval: dict | None = None, no_interval: str = "") -> str:
+    """The metrics a console line shows: the main one (with its 95% interval when given, else `no_interval`)
+    and at most two other overall ones; per-type and per-label numbers stay in the report."""
+    parts = []
+    if isinstance(metrics.get(main_metric), (int, float)):
+        headline = f"{main_metric} {metrics[main_metric]:.4f}"
+        if interval and interval.get("metric") == main_metric:
+            headline += f" (95% CI [{interval['low']:.4f}, {interval['high']:.4f}])"
+        elif no_interval:
+            headline += f" ({no_interval})"
+        parts.append(headline)
+    parts += [f"{name} {metrics[name]:.4f}" for name in COMPANIONS.get(main_metric, ("loss",))
+              if isinstance(metrics.get(name), (int, float)) and name != main_metric][:2]
+    return ", ".join(parts) or "no metrics"
+
+
 def bootstrap_ci(statistic, n: int, resamples: int = 1000, seed: int = 0, confidence: float = CONFIDENCE):
     """Percentile bootstrap interval of `statistic(indices)` over `resamples` draws of n indices with
     replacement from numpy's default_rng(seed). Returns (low, high), or None with fewer than 2 examples

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -23,12 +24,34 @@ from pipelines.batching import EpochShuffleSampler, in_dataset_order, longest_fi
 from pipelines.config import RunConfig, config_hash, snapshot
 from pipelines.distributed import parameter_fingerprints, prepare_engine, real_examples_in_last_batch
 from pipelines.errors import UserError
+from pipelines.run_lock import LOCK_NAME, RunLock
 from pipelines.tuning import plan_tuning
 
 FINISHED_MARKER = "run_summary.json"  # written last: its presence means the folder holds a finished model
 # The files of a finished run besides the model, as the end of a run writes them (reports, plots, card), .tmp included.
 FINAL_PATTERNS = (FINISHED_MARKER + "*", "eval_results.json*", "eval_report.*", "*.png*", "README.md*", "example.wav*")
 LOWER_IS_BETTER = re.compile(r"(loss|wer|cer|error)$")
+# A run's own files while it trains. A run that replaces another run's files (--overwrite-output-dir) keeps them
+# in STAGING inside the output folder, so that the old run stays whole until the end of the new one swaps them in.
+WORK_FILES = ("run_config.json", "metrics.jsonl", "checkpoints", "tensorboard")
+STAGING = ".next-run"
+# What else of another run's the end of a staged run moves out with its WORK_FILES and reports: model, tokenizer,
+# processor and adapter files, whichever the new model has or not. Files of other kinds in the folder stay.
+MODEL_PATTERNS = ("*.safetensors*", "pytorch_model*.bin*", "*config.json", "tokenizer*", "special_tokens_map.json",
+                  "added_tokens.json", "vocab.*", "merges.txt", "*.model", "chat_template*", "adapter_*", "merged",
+                  "example.*")
+SWAP_JOURNAL = ".swap.json"  # what the end-of-run swap moves, and how far it got: a kill is undone from it
+# Bookkeeping of ours in the output folder, never a run's files.
+INTERNAL = (STAGING, ".tmp-final", ".old-final", SWAP_JOURNAL, LOCK_NAME)
+# Options a resumed run may change: how long it goes on, how often it evaluates, logs and saves, what it does at
+# the end, where it publishes. Any other change would make the resumed run differ from an uninterrupted one.
+RESUMABLE_CHANGES = frozenset({
+    "num_epochs", "max_steps", "eval_steps", "logging_steps", "save_checkpoints", "keep_checkpoints",
+    "early_stopping_patience", "load_best_at_end", "bootstrap_samples", "num_workers", "eval_batch_size",
+    "output_dir", "resume", "overwrite_output_dir", "merge_lora", "test_file", "test_split",
+    "trust_remote_code", "allow_pickle", "push_to_hub", "hub_endpoint", "hub_private", "hub_revision",
+    "hub_commit_message", "push_to_git"})
+PATH_OPTIONS = ("model", "dataset", "train_file", "validation_file")  # the same file by another path is the same
 
 
 def write_json(path: Path, data) -> None:
@@ -50,19 +73,150 @@ def write_text(path: Path, text: str) -> None:
         raise
 
 
-def check_output_dir(cfg: RunConfig) -> Path:
+def output_path(cfg: RunConfig) -> Path:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir {out} is a file; give a folder path")
     parent = next((p for p in out.absolute().parents if p.exists()), None)  # the folder it would be made in
     if parent is not None and not parent.is_dir():
         raise UserError(f"--output-dir {out} cannot be created: {parent} is a file; give a folder path")
-    has_checkpoints = checkpoints.latest(out) is not None
+    return out
+
+
+def check_output_dir(cfg: RunConfig) -> Path:
+    out = output_path(cfg)
+    # Checkpoints of the folder's run, or of a killed --overwrite-output-dir run staged beside it.
+    has_checkpoints = checkpoints.latest(out) is not None or checkpoints.latest(out / STAGING) is not None
     if (out / FINISHED_MARKER).exists() and not (cfg.overwrite_output_dir or cfg.resume):
         raise UserError(f"{out} already holds a finished model; pass --overwrite-output-dir to replace it, or choose another --output-dir")
     if has_checkpoints and not (cfg.resume or cfg.overwrite_output_dir):
         raise UserError(f"{out} holds checkpoints of an earlier run; pass --resume to continue it or --overwrite-output-dir to start over")
     return out
+
+
+def is_internal(name: str) -> bool:
+    return name in INTERNAL or name.startswith(LOCK_NAME)  # .run.lock.stale-*: a lock being taken over
+
+
+def holds_run_files(out: Path) -> bool:
+    """Anything in the folder but our bookkeeping: a model, logs, checkpoints, reports, of a finished run or not."""
+    return out.is_dir() and any(not is_internal(name) for name in os.listdir(out))
+
+
+def work_folder(cfg: RunConfig, out: Path) -> Path:
+    """Where this run keeps its WORK_FILES: the output folder itself, unless that holds another run's files,
+    which stay whole until this run ends; then the staging folder inside it. --resume continues a staged run
+    (one whose --overwrite-output-dir run was killed) before the folder's own."""
+    staged = out / STAGING
+    if cfg.resume and staged.is_dir():
+        return staged
+    if cfg.resume and checkpoints.latest(out) is not None:
+        return out
+    return staged if holds_run_files(out) else out
+
+
+def _shown(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _same(key: str, before, now) -> bool:
+    if before == now:
+        return True
+    if key in PATH_OPTIONS and isinstance(before, str) and isinstance(now, str):
+        try:
+            return os.path.samefile(os.path.expanduser(before), os.path.expanduser(now))
+        except OSError:
+            return False
+    return False
+
+
+def check_resume_matches(cfg: RunConfig, work: Path, num_processes: int, main_metric: str) -> None:
+    """--resume continues a run exactly only with the options its checkpoint was written with: refuse any
+    other change than RESUMABLE_CHANGES, naming each option with both values. Reads only."""
+    latest = checkpoints.latest(work)
+    if latest is None:
+        return
+    record = checkpoints.run_record(latest)
+    if record is None:  # a checkpoint from before checkpoints recorded their options: the run's run_config.json
+        try:
+            with open(work / "run_config.json", encoding="utf-8") as f:
+                record = {"config": json.load(f)["config"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+    before = dict(record.get("config") or {})
+    now = json.loads(json.dumps(snapshot(cfg)["config"], default=str))  # as it would be stored
+    for values in (before, now):  # unset means the recipe's main metric: naming it is no change
+        values["metric_for_best"] = values.get("metric_for_best") or main_metric
+    changed = [(f"--{key.replace('_', '-')}", before[key], now[key]) for key in before
+               if key in now and key != "extra" and key not in RESUMABLE_CHANGES and not _same(key, before[key], now[key])]
+    extra_before, extra_now = before.get("extra") or {}, now.get("extra") or {}
+    changed += [(f"--{key.replace('_', '-')}", extra_before[key], extra_now[key]) for key in extra_before
+                if key in extra_now and extra_before[key] != extra_now[key]]
+    processes = record.get("num_processes")
+    if processes and processes != num_processes:
+        changed.append(("the number of processes", processes, num_processes))
+    if changed:
+        said = "; ".join(f"{name} was {_shown(old)}, now {_shown(new)}" for name, old, new in changed)
+        raise UserError(f"--resume: the checkpoint {latest} was written with other options ({said}); an exact resume "
+                        f"needs the checkpoint's values: run again with them, or start over with --overwrite-output-dir "
+                        f"(or another --output-dir)")
+
+
+def _final_file(name: str) -> bool:
+    return any(Path(name).match(pattern) for pattern in FINAL_PATTERNS)
+
+
+def undo_swap(out: Path, journal: dict) -> None:
+    """Put the folder back as it was before the end-of-run swap that `journal` describes: the new model back
+    in .tmp-final, a staged run's files back in the staging folder, reports the swap wrote removed, the old
+    run's files back from .old-final. Safe to run again if it is itself interrupted."""
+    aside, tmp, staged = out / ".old-final", out / ".tmp-final", journal["staged"]
+    work = out / STAGING if staged else out
+    old_in_place = {name for name in journal["old"] if not os.path.lexists(aside / name)}
+    for name in sorted(os.listdir(out)):
+        path = out / name
+        if is_internal(name) or name in old_in_place:
+            continue
+        if name in journal["new_model"]:
+            tmp.mkdir(exist_ok=True)
+            os.replace(path, tmp / name)
+        elif staged and name in journal["new_work"]:
+            work.mkdir(exist_ok=True)
+            os.replace(path, work / name)
+        elif _final_file(name) and path.is_file():  # a report, plot or card the swap wrote
+            path.unlink()
+    for name in journal["old"]:
+        if os.path.lexists(aside / name):
+            os.replace(aside / name, out / name)
+    shutil.rmtree(aside, ignore_errors=True)
+    (out / SWAP_JOURNAL).unlink(missing_ok=True)
+
+
+def finish_swap(out: Path, journal: dict) -> None:
+    """The new run is whole in the folder (its marker written): drop the old run and the emptied folders."""
+    shutil.rmtree(out / ".old-final", ignore_errors=True)
+    shutil.rmtree(out / ".tmp-final", ignore_errors=True)
+    if journal["staged"]:
+        shutil.rmtree(out / STAGING, ignore_errors=True)
+    (out / SWAP_JOURNAL).unlink(missing_ok=True)
+
+
+def recover_interrupted_swap(out: Path) -> str | None:
+    """A run killed during its end-of-run swap left the journal: complete the swap if the new run was whole
+    (marker written), else undo it, so the folder holds one whole run again. Under the lock, before anything
+    else looks at the folder. Returns what it did, or None."""
+    try:
+        with open(out / SWAP_JOURNAL, encoding="utf-8") as f:
+            journal = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):  # written atomically, so never half: unreadable means not ours
+        return None
+    if journal.get("phase") == "cleaning":
+        finish_swap(out, journal)
+        return f"completed the replacement of the previous run in {out} that an interrupted run had begun"
+    undo_swap(out, journal)
+    return f"undid the unfinished replacement of the previous run in {out} by an interrupted run; it is whole again"
 
 
 def make_accelerator(cfg: RunConfig):
@@ -115,15 +269,82 @@ class Trainer:
     def __init__(self, cfg: RunConfig, recipe):
         self.cfg = cfg
         self.recipe = recipe
-        self.out = check_output_dir(cfg)
+        self.out = output_path(cfg)
+        self.work = None  # where this run's WORK_FILES go: decided in plan_output
+        self.log_path = None
+        self.resuming = False  # --resume, and there is a checkpoint to resume from
+        self.lock = None
         self.accelerator = make_accelerator(cfg)
-        self.log_path = self.out / "metrics.jsonl"
         self.eval_orders: dict = {}  # split -> the longest-first order its loader reads the examples in
         self.metric_for_best = cfg.metric_for_best or recipe.main_metric
         self.greater_is_better = recipe.greater_is_better if self.metric_for_best == recipe.main_metric else not LOWER_IS_BETTER.search(self.metric_for_best)
         # Progress that a checkpoint must carry for an exact resume.
         self.state = {"global_step": 0, "epoch": 0, "batches_seen_in_epoch": 0, "best_metric": None,
                       "best_checkpoint": None, "evals_without_improvement": 0, "mask_stage": 1, "last_eval_step": None}
+
+    # ------------------------------------------------------------------ the output folder
+    def claim_output_dir(self) -> None:
+        """Take the folder's lock, then plan_output. Only the main process does both; the outcome is broadcast,
+        so that the other processes fail with the same line instead of waiting for the main one forever."""
+        from accelerate.utils import broadcast_object_list
+
+        acc = self.accelerator
+        error, failure = None, None
+        if acc.is_main_process:
+            try:
+                self.lock = RunLock(self.out).acquire()
+                if self.lock.note:
+                    print(f"note: {self.lock.note}", file=sys.stderr, flush=True)
+                self.plan_output()
+            except BaseException as e:  # noqa: BLE001 - re-raised below, after the other processes know
+                error = e
+                failure = str(e) if isinstance(e, UserError) else f"the main process failed: {type(e).__name__}: {e}"
+        if acc.num_processes > 1:
+            box = [failure, str(self.work) if self.work is not None else None]
+            broadcast_object_list(box)
+            failure, work = box
+            if not acc.is_main_process and failure is None:
+                self._use_work_folder(Path(work))
+        if error is not None:
+            self.release()
+            raise error
+        if failure is not None:
+            raise UserError(failure)
+
+    def plan_output(self) -> None:
+        """Under the lock and before any write: undo (or complete) a swap a kill interrupted, check the folder's
+        state against --overwrite-output-dir / --resume, decide where this run's files go, and for --resume check
+        that the options match the checkpoint's. Writes nothing but what the recovery puts back."""
+        note = recover_interrupted_swap(self.out) if self.out.is_dir() else None
+        if note:
+            print(f"note: {note}", file=sys.stderr, flush=True)
+        check_output_dir(self.cfg)
+        self._use_work_folder(work_folder(self.cfg, self.out))
+        if self.cfg.resume:
+            check_resume_matches(self.cfg, self.work, self.accelerator.num_processes, self.recipe.main_metric)
+
+    def _use_work_folder(self, work: Path) -> None:
+        self.work = work
+        self.log_path = work / "metrics.jsonl"
+        self.resuming = bool(self.cfg.resume) and checkpoints.latest(work) is not None
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def check_metric_for_best(self) -> None:
+        """--metric-for-best must be one of the recipe's metrics (known once `load` has run): checked before the
+        folder is touched, not at the first evaluation after training."""
+        from pipelines.errors import closest
+
+        names = tuple(self.recipe.metric_names()) if hasattr(self.recipe, "metric_names") else ()
+        if not names:  # a recipe that does not declare them: checked at the first evaluation
+            return
+        names = (*names, "loss")
+        if self.metric_for_best not in names:
+            raise UserError(f"--metric-for-best {self.metric_for_best} is not a metric of the {self.cfg.recipe} recipe; "
+                            f"choose one of: {', '.join(names)}.{closest(self.metric_for_best, names)}")
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -132,6 +353,8 @@ class Trainer:
         from pipelines.data import load_raw_splits
 
         cfg, acc = self.cfg, self.accelerator
+        if self.work is None:  # not claimed (a caller without the lock, e.g. a test evaluating a folder)
+            self.plan_output()
         set_seed(cfg.seed)
         # Rank 0 downloads and preprocesses first; the others then read its cache.
         with acc.main_process_first():
@@ -141,6 +364,7 @@ class Trainer:
             self.encoded = self.recipe.preprocess(splits, self.processor, cfg)
         self.raw_splits = splits
         self.num_train_examples = len(self.encoded["train"])
+        self.check_metric_for_best()
 
         self.plan = plan_tuning(model, cfg, self.recipe.peft_task_type)
         acc.print(f"{cfg.recipe}: {self.plan.describe()} (strategy: {cfg.tuning})")
@@ -149,12 +373,18 @@ class Trainer:
                             "use --tuning last-n or full there")
         prepare_engine(acc, self.plan, cfg)
         # Only now, with data and model checked, touch the output folder: a bad input leaves it as it was.
+        # Another run's files in it stay whole (this run works in STAGING) until the end of this run replaces them.
+        self.run_record = {"config": snapshot(cfg)["config"], "num_processes": acc.num_processes}  # in each checkpoint
         if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_json(self.out / "run_config.json", snapshot(cfg))  # first: if the folder takes no writes, nothing is deleted
-            if cfg.overwrite_output_dir and not cfg.resume:
-                shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
+            staging = self.out / STAGING
+            if self.work != staging or not self.resuming:
+                shutil.rmtree(staging, ignore_errors=True)  # a killed staged run that this run does not continue
+            self.work.mkdir(parents=True, exist_ok=True)
+            write_json(self.work / "run_config.json", snapshot(cfg))
+            if not self.resuming:
                 self.log_path.unlink(missing_ok=True)
+        acc.project_configuration.project_dir = str(self.work)
+        acc.project_configuration.logging_dir = str(self.work / "tensorboard")
 
         collate = self.recipe.collator(self.processor, cfg)
         train = self.encoded["train"]
@@ -242,9 +472,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def resume(self) -> None:
-        latest = checkpoints.latest(self.out)
+        latest = checkpoints.latest(self.work)
         if latest is None:
-            self.accelerator.print(f"--resume: no complete checkpoint in {self.out / 'checkpoints'}; starting from scratch")
+            self.accelerator.print(f"--resume: no complete checkpoint in {self.work / 'checkpoints'}; starting from scratch")
             return
         self.state = checkpoints.load(self.accelerator, latest)
         if self.plan.mask is not None:
@@ -340,7 +570,7 @@ class Trainer:
         self.log({"step": self.state["global_step"], "epoch": epoch, "unfreeze_stage": mask.stage, "trainable_params_now": now})
 
     def _non_finite_message(self, step, epoch, loss) -> str:
-        best = self.state["best_checkpoint"] or checkpoints.latest(self.out)
+        best = self.state["best_checkpoint"] or checkpoints.latest(self.work)
         kept = f"the last good checkpoint ({best}) is intact" if best else "no checkpoint was written"
         return (f"loss became {float(loss.detach()):.4g} (gradient norm not finite) at optimizer step {step}, epoch {epoch}; "
                 f"training stopped and {kept}. Lower --learning-rate, keep --max-grad-norm on, or check the data.")
@@ -361,16 +591,18 @@ class Trainer:
         else:
             state["evals_without_improvement"] += 1
         self.log({"step": state["global_step"], "epoch": epoch, **{f"eval_{k}": v for k, v in metrics.items()}})
-        self.accelerator.print(f"step {state['global_step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        from pipelines.report import headline_metrics
+
+        self.accelerator.print(f"step {state['global_step']}: {headline_metrics(metrics, self.metric_for_best)}")
         if cfg.save_checkpoints:
             if self.plan.mask is not None:
                 state["mask_stage"] = self.plan.mask.stage
             name = checkpoints.checkpoint_name(state["global_step"])
             if improved:
                 state["best_checkpoint"] = name
-            checkpoints.save(self.accelerator, self.out, state)
+            checkpoints.save(self.accelerator, self.work, state, run=self.run_record)
             if self.accelerator.is_main_process:
-                checkpoints.prune(self.out, cfg.keep_checkpoints, keep=state["best_checkpoint"])
+                checkpoints.prune(self.work, cfg.keep_checkpoints, keep=state["best_checkpoint"])
             self.accelerator.wait_for_everyone()
         patience = cfg.early_stopping_patience
         if patience and state["evals_without_improvement"] >= patience:
@@ -384,7 +616,7 @@ class Trainer:
         best = state["best_checkpoint"]
         weights_evaluated = getattr(self, "last_validation", (None,))[0] == state["global_step"]
         if cfg.load_best_at_end and cfg.save_checkpoints and best and best != checkpoints.checkpoint_name(state["global_step"]):
-            checkpoints.load_model_weights(acc, self.out / "checkpoints" / best)
+            checkpoints.load_model_weights(acc, self.work / "checkpoints" / best)
             weights_evaluated = False
             acc.print(f"loaded the best checkpoint {best} ({self.metric_for_best} {state['best_metric']:.4f})")
         results = {}
@@ -417,7 +649,8 @@ class Trainer:
         return summary
 
     def save_final_outputs(self, results: dict, summary: dict) -> None:
-        """Replace the folder's finished run (model, eval_results.json, reports, card, run_summary.json) as one unit.
+        """Replace the folder's finished run (model, eval_results.json, reports, card, run_summary.json) as one unit;
+        when this run worked in STAGING (it replaces another run), that run's logs and checkpoints go with it.
 
         The model and eval_results.json are first written to `.tmp-final`. Then the old run's files move
         aside to `.old-final`, the old marker first; the new files move in, the reports and card are
@@ -462,38 +695,43 @@ class Trainer:
                 self.processor.save_pretrained(tmp / "merged")
 
     def _replace_finished_run(self, tmp: Path, summary: dict) -> None:
+        """Move the old run's files aside (the marker first), this run's in (a staged run's WORK_FILES, then the
+        model from .tmp-final), write the reports, the marker last. SWAP_JOURNAL says what moves and how far it
+        got: a failure here undoes the swap at once, a kill is undone (or completed) by the next run's claim."""
         from pipelines.evaluation import write_run_outputs
 
-        out, aside = self.out, self.out / ".old-final"
-        new = [p.relative_to(tmp) for p in sorted(tmp.rglob("*")) if p.is_file()]
-
-        def run_files():  # what the end of a run writes, its .tmp files included; the marker first
-            found = [Path(p.name) for pattern in FINAL_PATTERNS for p in sorted(out.glob(pattern)) if p.is_file()]
-            return list(dict.fromkeys([*found, *(rel for rel in new if (out / rel).is_file())]))
-
-        shutil.rmtree(aside, ignore_errors=True)  # left by a run killed here
-        moved, all_moved = [], False
+        out, aside, work = self.out, self.out / ".old-final", self.work
+        staged = work != out
+        new_model = sorted(os.listdir(tmp))
+        new_work = [name for name in WORK_FILES if os.path.lexists(work / name)] if staged else []
+        # Out: the reports and the files the new model replaces; when this run replaces another run, all of that
+        # run's files (its logs, checkpoints, model files), as one unit.
+        old = [p.name for pattern in FINAL_PATTERNS for p in out.glob(pattern) if p.is_file()]
+        old += [name for name in new_model if os.path.lexists(out / name)]
+        if staged:
+            old += [p.name for pattern in (*WORK_FILES, *MODEL_PATTERNS) for p in out.glob(pattern)]
+        old = sorted(dict.fromkeys(n for n in old if not is_internal(n)), key=lambda n: n != FINISHED_MARKER)  # marker first
+        journal = {"staged": staged, "old": old, "new_work": new_work, "new_model": new_model}
+        shutil.rmtree(aside, ignore_errors=True)  # left by an older version of this code
         try:
-            for rel in run_files():
-                (aside / rel).parent.mkdir(parents=True, exist_ok=True)
-                os.replace(out / rel, aside / rel)
-                moved.append(rel)
-            all_moved = True  # from here every run file in the folder is this run's
-            for rel in new:
-                (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                os.replace(tmp / rel, out / rel)
+            write_json(out / SWAP_JOURNAL, {**journal, "phase": "moving"})
+            aside.mkdir()
+            for name in old:
+                os.replace(out / name, aside / name)
+            # from here every run file in the folder is this run's
+            for name in new_work:
+                os.replace(work / name, out / name)
+            for name in new_model:
+                os.replace(tmp / name, out / name)
+            self.log_path = out / "metrics.jsonl"
             write_run_outputs(self, summary)  # eval_report.json/.md, plots, README.md (the model card)
             write_json(out / FINISHED_MARKER, summary)
+            write_json(out / SWAP_JOURNAL, {**journal, "phase": "cleaning"})
         except BaseException as e:
-            # Put the old run back; the new model goes back to .tmp-final, so no training is lost.
-            for rel in run_files() if all_moved else []:
-                if rel in new:
-                    os.replace(out / rel, tmp / rel)
-                else:
-                    (out / rel).unlink()
-            for rel in moved:
-                os.replace(aside / rel, out / rel)
-            shutil.rmtree(aside, ignore_errors=True)
+            # Put the old run back; the new model goes back to .tmp-final and a staged run's files to the
+            # staging folder, so no training is lost.
+            self.log_path = work / "metrics.jsonl"
+            undo_swap(out, journal)
             if not checkpoints.is_write_error(e):
                 raise
             named = isinstance(e, OSError) and isinstance(e.filename, str)
@@ -502,8 +740,7 @@ class Trainer:
                      if self.cfg.save_checkpoints else "run again")
             raise checkpoints.write_error(e, what, out, f"the previous outputs in {out} are intact "
                                           f"(the new model is in {tmp})", again=again) from None
-        shutil.rmtree(aside, ignore_errors=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        finish_swap(out, journal)
 
 
 def _model_inputs(ds):
@@ -513,5 +750,9 @@ def _model_inputs(ds):
 
 def train(cfg: RunConfig, recipe) -> dict:
     trainer = Trainer(cfg, recipe)
-    trainer.setup()
-    return trainer.train()
+    try:
+        trainer.claim_output_dir()
+        trainer.setup()
+        return trainer.train()
+    finally:  # on errors and Ctrl-C too
+        trainer.release()

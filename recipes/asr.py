@@ -60,7 +60,7 @@ import re
 import unicodedata
 from pathlib import Path
 
-from pipelines.data import for_map
+from pipelines.data import for_map, null_counts, warn_null_texts
 from pipelines.distributed import synced_gpus
 from pipelines.errors import UserError
 from pipelines.recipe import Recipe, resolve_column
@@ -124,7 +124,12 @@ def read_audio(value, sampling_rate: int):
         source = value
     if source is None:
         raise ValueError("no audio bytes and no path")
-    audio, rate = soundfile.read(source, dtype="float32", always_2d=True)
+    if isinstance(source, str) and not os.path.isfile(source):  # libsndfile says only "System error."
+        raise FileNotFoundError("the file is missing (no such file)")
+    try:
+        audio, rate = soundfile.read(source, dtype="float32", always_2d=True)
+    except soundfile.LibsndfileError as e:  # its text starts "Error opening <_io.BytesIO object at 0x...>: "
+        raise ValueError(f"not a readable audio file ({e.error_string})") from None
     audio = audio.mean(axis=1) if audio.shape[1] > 1 else audio[:, 0]
     if rate != sampling_rate and len(audio):
         import soxr
@@ -189,14 +194,25 @@ def _audio_folder_rows(directory: Path) -> list:
 def _read_metadata(path: Path) -> list:
     import csv
 
+    number = 0
     try:
         if path.suffix == ".jsonl":
+            rows = []
             with open(path, encoding="utf-8") as f:
-                return [json.loads(line) for line in f if line.strip()]
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        rows.append(json.loads(line))
+                        if not isinstance(rows[-1], dict):
+                            raise ValueError("not a JSON object ({\"file_name\": ..., \"text\": ...})")
+            return rows
         with open(path, encoding="utf-8", newline="") as f:
             return list(csv.DictReader(f))
-    except (ValueError, UnicodeDecodeError, csv.Error) as e:
-        raise UserError(f"could not read metadata file {path}: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"could not read metadata file {path}: it is not UTF-8 text") from None
+    except (ValueError, csv.Error) as e:
+        where = f"line {number}: " if number else ""  # json's own "line 1 column 5" counts within the line
+        message = e.msg if isinstance(e, json.JSONDecodeError) else str(e).splitlines()[0]
+        raise UserError(f"could not read metadata file {path}: {where}{message}") from None
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -246,6 +262,7 @@ class AsrRecipe(Recipe):
     name = "asr"
     pipeline_tag = "automatic-speech-recognition"
     main_metric = "wer"
+    metrics = ("wer", "cer")
     greater_is_better = False
     peft_task_type = None  # set per family in load(); None for both (see the module docstring)
     folder_builder = "audiofolder"  # read by load_splits below without torchcodec
@@ -269,7 +286,7 @@ class AsrRecipe(Recipe):
         ("task", "transcribe", "Whisper: transcribe or translate (multilingual checkpoints only)"),
         ("normalizer", "basic", "text normalisation before WER/CER: basic, whisper or none"),
         ("min_audio_seconds", 0.5, "train clips shorter than this are skipped"),
-        ("max_audio_seconds", None, "train clips longer than this are skipped (unset: 30 for Whisper, 20 for CTC)"),
+        ("max_audio_seconds", None, "train clips longer than this are skipped (unset: 30 for Whisper, 20 for CTC)", float),
     )
     audio_candidates = ("audio", "speech", "audio_path", "path", "file")
     text_candidates = ("text", "sentence", "transcription", "transcript", "normalized_text")
@@ -417,6 +434,8 @@ class AsrRecipe(Recipe):
         min_seconds = _seconds_option(cfg, "min_audio_seconds", 0.5)
         max_seconds = _seconds_option(cfg, "max_audio_seconds", self.max_audio_default)
         cast = splits.cast_column(audio, datasets.Audio(decode=False))
+        # A clip without a transcript trains (and is scored) as silence: allowed, but said once with counts.
+        warn_null_texts(self.name, splits, text, null_counts(splits, text), "transcripts")
 
         def encode(batch, indices):
             out = {"input_audio": [], "labels": [], "length": [], "problem": [], "name": [], "text": []}
@@ -479,7 +498,7 @@ class AsrRecipe(Recipe):
         unreadable = sum(1 for i in bad if problems[i].startswith("unreadable"))
         parts = [f"{unreadable} unreadable", f"{len(bad) - unreadable} zero-length"]
         keep = [i for i, p in enumerate(problems) if not p]
-        if split == "train":
+        if split == "train" and not self.evaluating:  # evaluation scores every readable clip of its split
             too_short = [i for i in keep if min_seconds and lengths[i] / rate < min_seconds]
             too_long = [i for i in keep if max_seconds and lengths[i] / rate > max_seconds]
             dropped = set(too_short) | set(too_long)

@@ -4,7 +4,8 @@ Data: a Hub dataset with an Image column, or a local folder in `imagefolder` lay
 (train/<class>/*.png, validation/<class>/*.png, ...; the class names are the folder names, sorted).
 Images are not decoded by `datasets`: the column is cast to Image(decode=False), and preprocessing
 opens every file once with PIL to check it. An unreadable file is reported by name (one line
-each) and skipped; a split whose every image is unreadable is an error.
+each) and skipped; a split whose every image is unreadable is an error. Every PIL mode becomes 8-bit RGB
+(`to_rgb`: 16-bit and float images scaled, not clipped; transparency composited on white; EXIF rotation applied).
 
 The model's own image processor (AutoImageProcessor) sets the size and the normalisation. Training
 images get a random resized crop (torchvision's RandomResizedCrop algorithm: area share in
@@ -29,7 +30,7 @@ import math
 import os
 
 from pipelines.errors import UserError
-from pipelines.recipe import Recipe, classification_statistic, encode_labels, label_names_for, resolve_column
+from pipelines.recipe import Recipe, classification_labels, classification_statistic, head_options, resolve_column
 
 AUGMENTATIONS = ("crop-flip", "none")
 RATIO = (3 / 4, 4 / 3)
@@ -57,7 +58,55 @@ def open_image(value):
             raise ValueError("no image bytes and no path")
         image = Image.open(source)
         image.load()  # decode now: a truncated or garbage file fails here, not later
+    return to_rgb(image)
+
+
+def to_rgb(image):
+    """Any PIL mode as 8-bit RGB, as a person sees the image.
+
+    - 16-bit and 32-bit integer images (I;16, I;16B, I;16L, I) are scaled by their bit depth (65535 -> 255):
+      PIL's convert("RGB") clips them instead, so a 16-bit gradient turns black and white. I;16 is 16 bits; for
+      mode I (32-bit storage, often holding 8- or 16-bit data) the depth is the smallest of 8, 16 or 32 bits that
+      holds its largest value; negative values are scaled by the image's own range.
+    - Float images (F) are scaled from [0, 1] when their values lie there, else from their own range.
+    - Transparent images (RGBA, LA, PA, P with a transparent colour) are composited on white. A transparent
+      pixel's stored colour is arbitrary (often black) and convert("RGB") would expose it; image viewers, and so
+      the people who labelled the images, see the image over a background, white by convention.
+    - Every other mode (1, L, P, CMYK, YCbCr, LAB, HSV, ...) goes through PIL's own conversion.
+    - EXIF orientation is applied (a phone photo stored sideways is shown upright), as transformers' load_image
+      does, so training sees what inference through `pipeline()` sees.
+    """
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    if image.getexif().get(0x0112, 1) != 1:  # the EXIF Orientation tag: 1 is upright (exif_transpose would copy)
+        image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        return Image.fromarray(_to_8bit(np.asarray(image), image.mode), "L").convert("RGB")
+    if image.mode in ("LA", "PA", "RGBa") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
     return image.convert("RGB")
+
+
+def _to_8bit(values, mode: str):
+    """A high-depth single-channel array as uint8, scaled as to_rgb describes."""
+    import numpy as np
+
+    values = values.astype(np.float64)
+    finite = values[np.isfinite(values)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if mode == "F":
+        if 0 <= low and high <= 1:
+            low, high = 0.0, 1.0
+    elif low >= 0:  # integers: scale by the bit depth, so a dark image stays dark
+        bits = 16 if mode.startswith("I;16") else next(b for b in (8, 16, 32) if high < 2 ** b)
+        low, high = 0.0, float(2 ** bits - 1)
+    values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
+    scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    return np.clip(np.round(scaled * 255), 0, 255).astype(np.uint8)
 
 
 def image_name(value, index: int) -> str:
@@ -163,6 +212,7 @@ class ImageClassificationRecipe(Recipe):
     name = "image-classification"
     pipeline_tag = "image-classification"
     main_metric = "accuracy"
+    metrics = ("accuracy", "f1")
     peft_task_type = None
     folder_builder = "imagefolder"
     defaults = {
@@ -181,6 +231,10 @@ class ImageClassificationRecipe(Recipe):
     image_candidates = ("image", "img", "picture")
     label_candidates = ("label", "labels", "category")
 
+    def metric_names(self):
+        """top5_accuracy too when there are more than 5 classes (known after `load`)."""
+        return (*self.metrics, *(("top5_accuracy",) if len(getattr(self, "labels", None) or ()) > 5 else ()))
+
     def load(self, cfg, splits):
         import torch
         from transformers import AutoImageProcessor, AutoModelForImageClassification
@@ -189,8 +243,7 @@ class ImageClassificationRecipe(Recipe):
 
         self.image_column = resolve_column(splits, cfg, "image_column", self.image_candidates)
         self.label_column = resolve_column(splits, cfg, "label_column", self.label_candidates)
-        self.labels = label_names_for(splits, self.label_column, cfg)
-        self.to_id = encode_labels(splits, self.label_column, self.labels)
+        self.labels, self.to_id = classification_labels(self, splits, self.label_column, cfg)
         self.augmentation = str(cfg.extra.get("augmentation") or "crop-flip").lower()
         if self.augmentation not in AUGMENTATIONS:
             raise UserError(f"--augmentation must be one of {', '.join(AUGMENTATIONS)}, not {self.augmentation!r}")
@@ -203,11 +256,7 @@ class ImageClassificationRecipe(Recipe):
         processor = load_processor(AutoImageProcessor, cfg.model, cfg)
         model = load_pretrained(
             AutoModelForImageClassification, cfg.model, cfg,
-            num_labels=len(self.labels),
-            id2label=dict(enumerate(self.labels)),
-            label2id={name: i for i, name in enumerate(self.labels)},
-            ignore_mismatched_sizes=True,  # a checkpoint with another head gets a fresh one of the right size
-            dtype=torch.float32,
+            dtype=torch.float32, **head_options(self, self.labels),
         )
         return model, processor
 
@@ -242,7 +291,7 @@ class ImageClassificationRecipe(Recipe):
             ds = ds.cast_column(image, datasets.Image(decode=False))
             ds = ds.map(check, batched=True, batch_size=256, with_indices=True, remove_columns=ds.column_names,
                         features=features, desc=f"checking {split} images",
-                        fn_kwargs={"split": split, "augment": split == "train"})
+                        fn_kwargs={"split": split, "augment": split == "train" and not self.evaluating})
             problems, names = ds["problem"], ds["name"]
             bad = [i for i, p in enumerate(problems) if p]
             for i in bad:  # printed from the cached columns, so a cached run reports them too

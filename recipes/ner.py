@@ -13,12 +13,14 @@ sub-token), with seqeval on the word-level tag sequences.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
-from pipelines.data import for_map
+from pipelines.data import first_null_entry, for_map, require_text
 from pipelines.errors import UserError
-from pipelines.recipe import Recipe, resolve_column
+from pipelines.recipe import (Recipe, columns_with_values, head_options, parse_label_map, resolve_column, source_row,
+                              split_source)
 
 CONLL_SUFFIXES = (".conll", ".txt")
 SPLIT_STEMS = {"train": "train", "validation": "validation", "valid": "validation", "dev": "validation", "test": "test"}
@@ -51,20 +53,27 @@ def read_conll(path: str) -> dict:
             words.clear()
             tags.clear()
 
+    with open(path, "rb") as f:
+        data = f.read()
     try:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                parts = line.split()
-                if not parts or parts[0] == "-DOCSTART-":
-                    end_sentence()
-                    continue
-                if len(parts) < 2:
-                    raise UserError(f"{path} line {number}: expected a token and a tag separated by whitespace, "
-                                    f"got {line.strip()!r}")
-                words.append(parts[0])
-                tags.append(parts[-1])
-    except UnicodeDecodeError:
-        raise UserError(f"CoNLL file {path} is not UTF-8 text") from None
+        text = data.decode("utf-8-sig")  # -sig: a byte-order mark would otherwise stick to the first token
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UserError(f"CoNLL file {path} is not UTF-8 text (line {line}); save it as UTF-8") from None
+    # Lines end at \n, \r\n or \r only: str.splitlines() would also break a token at U+2028, U+0085, ...
+    for number, line in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), 1):
+        # Columns are separated by tabs when there are any (a token may hold a space: "New York\tB-LOC"), else by
+        # spaces; not by any Unicode whitespace, which would split a token such as "10\u00a0000".
+        line = line.strip(" \t")
+        parts = [p for p in re.split("\t" if "\t" in line else " +", line) if p.strip()]
+        if not parts or parts[0] == "-DOCSTART-":
+            end_sentence()
+            continue
+        if len(parts) < 2:
+            raise UserError(f"{path} line {number}: expected a token and a tag separated by whitespace, "
+                            f"got {line!r}")
+        words.append(parts[0])
+        tags.append(parts[-1])
     end_sentence()
     if not rows["tokens"]:
         raise UserError(f"CoNLL file {path} holds no sentences")
@@ -115,24 +124,26 @@ def load_conll_splits(cfg, files: dict):
 # ------------------------------------------------------------------------------------------ labels
 
 
-def tag_label_names(splits, column: str, cfg) -> list:
-    """ClassLabel names, else --label-names, else the tags seen in train (sorted, "O" first)."""
+def tag_label_names(splits, column: str, cfg, label_map=None) -> list:
+    """ClassLabel names, else --label-names, else the tags seen in train (sorted, "O" first); --label-map renames."""
     from datasets import ClassLabel
 
+    label_map = label_map or {}
     feature = splits["train"].features[column]
     inner = getattr(feature, "feature", None)
     if isinstance(inner, ClassLabel):
-        names = list(inner.names)
+        names = [label_map.get(n, n) for n in inner.names]
     elif cfg.label_names:
         names = [str(n) for n in cfg.label_names]
     else:
         seen = set()
-        for tags in splits["train"][column]:
+        for tags in splits["train"][column][:]:  # [:]: one list, not a read per row
             seen.update(tags or ())
+        seen.discard(None)  # check_rows names the row
         if any(isinstance(t, int) for t in seen):
             raise UserError(f"column '{column}' holds integer tags without names; pass --label-names "
                             "with the tag of each id in order (e.g. O,B-PER,I-PER,...)")
-        names = sorted(str(t) for t in seen)
+        names = sorted({label_map.get(str(t), str(t)) for t in seen})
         if "O" in names:
             names.remove("O")
             names.insert(0, "O")
@@ -143,28 +154,118 @@ def tag_label_names(splits, column: str, cfg) -> list:
     return names
 
 
-def check_rows(splits, tokens_column: str, tags_column: str, names: list) -> None:
-    """Every row: a list of words, as many tags as words, every tag in the label set."""
-    index = set(names)
+def _tag_names(ds, column: str, label_map: dict) -> dict:
+    """tag value -> tag name for the distinct tags of a split: a ClassLabel id by its class name, a string as it is
+    (--label-map renames both); a plain integer is an id (None)."""
+    from datasets import ClassLabel
+
+    inner = getattr(ds.features[column], "feature", None)
+    names = {}
+    for tags in ds[column][:]:
+        for tag in tags or ():
+            if tag in names or tag is None or isinstance(tag, bool):
+                continue
+            if isinstance(inner, ClassLabel):
+                name = inner.names[tag] if 0 <= tag < len(inner.names) else None
+            else:
+                name = None if isinstance(tag, int) else str(tag)
+            names[tag] = label_map.get(name, name) if name is not None else None
+    return names
+
+
+def tag_ids(splits, column: str, names: list, cfg, label_map: dict, model_labels=None) -> dict:
+    """{split: {tag value: id}}: names by name, ClassLabel ids by their class name, plain integers by id. A tag
+    outside `names` is an error naming it; for an evaluated model (model_labels), every such tag of the split."""
+    index = {n: i for i, n in enumerate(names)}
+    placeholders = model_labels is not None and model_labels.default_names
+    tables = {}
     for split, ds in splits.items():
-        for row, (words, tags) in enumerate(zip(ds[tokens_column], ds[tags_column])):
+        table, unknown = {}, []
+        for tag, name in sorted(_tag_names(ds, column, label_map).items(), key=lambda item: str(item[0])):
+            if name is not None and name in index:
+                table[tag] = index[name]
+            elif isinstance(tag, int) and (name is None or placeholders) and 0 <= tag < len(names):
+                table[tag] = tag
+            else:
+                unknown.append(tag)
+        if unknown and model_labels is None:
+            row = next(i for i, tags in enumerate(ds[column][:]) if any(t in unknown for t in tags or ()))
+            raise UserError(f"{split} split, row {source_row(ds, row)}{split_source(cfg, split)}: tag {unknown[0]!r} is "
+                            f"outside the label set {names} (taken from the train split; set --label-names to list "
+                            "every tag, or fix the data)")
+        if unknown:
+            shown = ", ".join(repr(t) for t in unknown[:10]) + (f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else "")
+            hint = (f"the model's tags are only the placeholders {', '.join(names)}: say which is which with --label-map, "
+                    f"e.g. --label-map {unknown[0]}=LABEL_0") if placeholders else \
+                f"map them with --label-map DATA=MODEL,... (e.g. --label-map {unknown[0]}={names[0]})"
+            raise UserError(f"{split} split{split_source(cfg, split)}, column '{column}': tags the model does not have: "
+                            f"{shown} (its tags, from {model_labels.source}: {', '.join(names)}); {hint}")
+        tables[split] = table
+    return tables
+
+
+def check_rows(splits, tokens_column: str, tags_column: str, names: list | None = None, cfg=None) -> None:
+    """Every row: a list of words, as many tags as words, every tag present and (given `names`) in the label set.
+    Rows are counted from 1, as a person counts the lines of a JSON-lines file."""
+    for split, ds in splits.items():
+        source = split_source(cfg, split)
+        all_tags = ds[tags_column][:]  # [:]: one list, not a read per row
+        if all_tags and all(tags is None for tags in all_tags):
+            present = columns_with_values(ds, exclude=tags_column)
+            raise UserError(f"the {split} split{source} has no tag column '{tags_column}' (not one value; its columns: "
+                            f"{', '.join(present) or 'none'}); add the tags to it, or set --label-column")
+
+        def where(row):
+            return f"{split} split, row {source_row(ds, row)}{source}"
+
+        for row, (words, tags) in enumerate(zip(ds[tokens_column][:], all_tags)):
             if not isinstance(words, list) or not isinstance(tags, list):
                 bad = tokens_column if not isinstance(words, list) else tags_column
-                raise UserError(f"{split} split, row {row}: column '{bad}' must hold a list (one entry per word), "
+                raise UserError(f"{where(row)}: column '{bad}' must hold a list (one entry per word), "
                                 f"got {type(words if bad == tokens_column else tags).__name__}")
             if len(words) != len(tags):
-                raise UserError(f"{split} split, row {row}: {len(words)} tokens but {len(tags)} tags "
+                raise UserError(f"{where(row)}: {len(words)} tokens but {len(tags)} tags "
                                 f"(columns '{tokens_column}' and '{tags_column}' must have one tag per token)")
             for tag in tags:
-                if isinstance(tag, bool) or tag is None:
-                    ok = False
-                elif isinstance(tag, int):
-                    ok = 0 <= tag < len(names)
-                else:
-                    ok = str(tag) in index
-                if not ok:
-                    raise UserError(f"{split} split, row {row}: tag {tag!r} is outside the label set {names} "
-                                    "(taken from the train split; set --label-names to list every tag, or fix the data)")
+                if tag is None or isinstance(tag, bool):
+                    raise UserError(f"{where(row)}, column '{tags_column}': tag {tag!r} is not a tag "
+                                    "(a name such as B-PER, or an integer id)")
+    if names is not None:
+        tag_ids(splits, tags_column, names, cfg, {})
+
+
+def tag_labels(recipe, splits, tokens_column: str, tags_column: str, cfg) -> list:
+    """The tag names in id order, after checking every row. Training: the data's tag set (tag_label_names).
+    Evaluation (recipe.model_labels set): the model's tags; tags it does not have are an error. Where the data
+    name a tag otherwise than the model does (--label-map, ClassLabel ids in another order), the tags column is
+    rewritten to the model's names, so preprocessing reads names the model has."""
+    import datasets
+
+    label_map = parse_label_map(getattr(cfg, "label_map", None))
+    check_rows(splits, tokens_column, tags_column, cfg=cfg)
+    if recipe.model_labels is None:
+        names = tag_label_names(splits, tags_column, cfg, label_map)
+    else:
+        names = list(recipe.model_labels.names)
+    tables = tag_ids(splits, tags_column, names, cfg, label_map, recipe.model_labels)
+    index = {n: i for i, n in enumerate(names)}
+    for split, table in tables.items():
+        if any(i != (tag if isinstance(tag, int) else index.get(str(tag))) for tag, i in table.items()):
+            ds = splits[split]
+            features = ds.features.copy()
+            features[tags_column] = datasets.Sequence(datasets.Value("string"))
+            splits[split] = ds.map(lambda row, t=table: {tags_column: [names[t[tag]] for tag in row[tags_column]]},
+                                   features=features, desc=f"naming the {split} tags as the model does")
+    if recipe.model_labels is None and "train" in tables and is_main_process():
+        from collections import Counter
+
+        counts = Counter(tables["train"][tag] for tags in splits["train"][tags_column][:] for tag in tags)
+        if len(counts) == 1:
+            only = names[next(iter(counts))]
+            print(f"ner: warning: every one of the {sum(counts.values())} training tags is {only!r} (of the tag set "
+                  f"{names}): the model can only learn to predict that tag; check column '{tags_column}' of the train data.",
+                  file=sys.stderr, flush=True)
+    return names
 
 
 def continuation_ids(names: list) -> list:
@@ -202,6 +303,7 @@ class NerRecipe(Recipe):
     name = "ner"
     pipeline_tag = "token-classification"
     main_metric = "overall_f1"
+    metrics = ("overall_precision", "overall_recall", "overall_f1", "token_accuracy")
     peft_task_type = "TOKEN_CLS"
     defaults = {
         "model": "roberta-base",
@@ -216,10 +318,15 @@ class NerRecipe(Recipe):
     }
     extra_options = (
         ("label_all_tokens", None, "true: every sub-token of a word carries its tag (B-X becomes I-X after "
-                                   "the first), not only the first; scoring stays one tag per word. Unset means false"),
+                                   "the first), not only the first; scoring stays one tag per word. Unset means false", bool),
     )
     tokens_candidates = ("tokens", "words")
     tags_candidates = ("ner_tags", "tags", "labels")
+
+    def metric_names(self):
+        """The overall ones, and per entity type of the label set (known after `load`): PER_f1, ORG_precision, ..."""
+        types = sorted({str(tag).split("-", 1)[1] for tag in getattr(self, "labels", None) or () if "-" in str(tag)})
+        return (*self.metrics, *(f"{kind}_{name}" for kind in types for name in ("precision", "recall", "f1", "number")))
 
     def load_splits(self, cfg, folder_builder=None):
         """The raw splits: CoNLL column files are parsed here, everything else by pipelines/data.py."""
@@ -237,8 +344,7 @@ class NerRecipe(Recipe):
 
         self.tokens_column = resolve_column(splits, cfg, "text_column", self.tokens_candidates)
         self.tags_column = resolve_column(splits, cfg, "label_column", self.tags_candidates)
-        self.labels = tag_label_names(splits, self.tags_column, cfg)
-        check_rows(splits, self.tokens_column, self.tags_column, self.labels)
+        self.labels = tag_labels(self, splits, self.tokens_column, self.tags_column, cfg)
         self.label_all_tokens = flag(cfg.extra.get("label_all_tokens"), "label_all_tokens")
 
         tokenizer = load_processor(AutoTokenizer, cfg.model, cfg)
@@ -247,13 +353,7 @@ class NerRecipe(Recipe):
         if not getattr(tokenizer, "is_fast", False):
             raise UserError(f"the tokenizer of {cfg.model} ({type(tokenizer).__name__}) cannot map sub-tokens to words; "
                             "token classification needs a fast (tokenizers-backed) tokenizer")
-        model = load_pretrained(
-            AutoModelForTokenClassification, cfg.model, cfg,
-            num_labels=len(self.labels),
-            id2label=dict(enumerate(self.labels)),
-            label2id={name: i for i, name in enumerate(self.labels)},
-            ignore_mismatched_sizes=True,  # a checkpoint with another head gets a fresh one of the right size
-        )
+        model = load_pretrained(AutoModelForTokenClassification, cfg.model, cfg, **head_options(self, self.labels))
         return model, tokenizer
 
     def preprocess(self, splits, tokenizer, cfg):
@@ -263,6 +363,19 @@ class NerRecipe(Recipe):
         words_col, tags_col = self.tokens_column, self.tags_column
         index = {name: i for i, name in enumerate(self.labels)}
         following = continuation_ids(self.labels)
+        require_text(splits, words_col, "text_column", cfg)
+        for split, ds in splits.items():  # a missing word would silently lose its tag (or fail in the tokenizer)
+            missing = first_null_entry(ds, words_col)
+            if missing:
+                raise UserError(f"{split} split, row {source_row(ds, missing[0])}{split_source(cfg, split)}: word "
+                                f"{missing[1]} of column '{words_col}' is missing (null); give every word as text, "
+                                "or drop that row")
+        empty = {split: sum(1 for n in ds.with_format("arrow")[words_col].combine_chunks().value_lengths().to_pylist()
+                            if not n) for split, ds in splits.items()}
+        if sum(empty.values()) and is_main_process():  # nothing to tag or score: dropped, and said once
+            detail = ", ".join(f"{split} {n} of {len(splits[split])}" for split, n in empty.items() if n)
+            print(f"ner: warning: {sum(empty.values())} sentences with no words were dropped ({detail})",
+                  file=sys.stderr, flush=True)
         splits = splits.filter(lambda row: len(row[words_col]) > 0, desc="dropping empty sentences")
         tokenizer = for_map(tokenizer)  # a cheap, exact cache fingerprint (pipelines/data.py)
 
@@ -288,7 +401,7 @@ class NerRecipe(Recipe):
 
         encoded = datasets.DatasetDict({
             split: ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenizing {split}",
-                          fn_kwargs={"label_all": self.label_all_tokens and split == "train"})
+                          fn_kwargs={"label_all": self.label_all_tokens and split == "train" and not self.evaluating})
             for split, ds in splits.items()
         })
         counts = {split: sum(ds["truncated"]) for split, ds in encoded.items()}

@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 import sys
 
-from pipelines.data import for_map
-from pipelines.recipe import Recipe, classification_statistic, encode_labels, label_names_for, resolve_column
+from pipelines.data import for_map, null_counts, require_text, warn_null_texts
+from pipelines.recipe import Recipe, classification_labels, classification_statistic, head_options, resolve_column
 
 
 class SentimentRecipe(Recipe):
     name = "sentiment"
     pipeline_tag = "text-classification"
     main_metric = "accuracy"
+    metrics = ("accuracy", "f1")
     peft_task_type = "SEQ_CLS"
     defaults = {
         "model": "bert-base-uncased",
@@ -38,16 +39,10 @@ class SentimentRecipe(Recipe):
         self.text_pair_column = cfg.text_pair_column
         if cfg.text_pair_column:
             resolve_column(splits, cfg, "text_pair_column", ())
-        self.labels = label_names_for(splits, self.label_column, cfg, binary_names=("negative", "positive"))
-        self.to_id = encode_labels(splits, self.label_column, self.labels)
+        self.labels, self.to_id = classification_labels(self, splits, self.label_column, cfg,
+                                                        binary_names=("negative", "positive"))
         tokenizer = load_processor(AutoTokenizer, cfg.model, cfg)
-        model = load_pretrained(
-            AutoModelForSequenceClassification, cfg.model, cfg,
-            num_labels=len(self.labels),
-            id2label=dict(enumerate(self.labels)),
-            label2id={name: i for i, name in enumerate(self.labels)},
-            ignore_mismatched_sizes=True,  # a checkpoint with another head gets a fresh one of the right size
-        )
+        model = load_pretrained(AutoModelForSequenceClassification, cfg.model, cfg, **head_options(self, self.labels))
         return model, tokenizer
 
     def preprocess(self, splits, tokenizer, cfg):
@@ -55,6 +50,11 @@ class SentimentRecipe(Recipe):
         text, pair, label = self.text_column, cfg.text_pair_column, self.label_column
         to_id = self.to_id
         tokenizer = for_map(tokenizer)  # a cheap, exact cache fingerprint (pipelines/data.py)
+        for column, option in ((text, "text_column"), (pair, "text_pair_column")):
+            if column:
+                require_text(splits, column, option, cfg)
+                # A missing text is classified as "": allowed (an empty review is a review), but said once.
+                warn_null_texts(self.name, splits, column, null_counts(splits, column), "texts")
 
         def encode(batch):
             texts = [t if t is not None else "" for t in batch[text]]

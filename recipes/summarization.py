@@ -11,10 +11,10 @@ sets), which makes it a noisy signal for early stopping and best-checkpoint sele
 
 from __future__ import annotations
 
-from pipelines.data import for_map
+from pipelines.data import first_blank, for_map, require_text
 from pipelines.distributed import synced_gpus
 from pipelines.errors import UserError
-from pipelines.recipe import Recipe, resolve_column
+from pipelines.recipe import Recipe, resolve_column, source_row, split_source
 
 # Families pre-trained with task prefixes ("summarize: ", "translate English to German: ", ...).
 PREFIX_FAMILIES = ("t5",)
@@ -24,6 +24,7 @@ class SummarizationRecipe(Recipe):
     name = "summarization"
     pipeline_tag = "summarization"
     main_metric = "rougeL"
+    metrics = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "gen_len")
     peft_task_type = "SEQ_2_SEQ_LM"
     defaults = {
         "model": "t5-small",
@@ -40,7 +41,7 @@ class SummarizationRecipe(Recipe):
     }
     extra_options = (
         ("source_prefix", None, "text put before every source document; unset means 'summarize: ' for T5 "
-                                "models and nothing for others"),
+                                "models and nothing for others", str),
     )
     text_candidates = ("document", "article", "text")
     target_candidates = ("summary", "highlights")
@@ -69,6 +70,15 @@ class SummarizationRecipe(Recipe):
         max_target_length = cfg.max_target_length or self.defaults["max_target_length"]
         text, target, prefix = self.text_column, self.target_column, self.prefix
         tokenizer = for_map(tokenizer)  # a cheap, exact cache fingerprint (pipelines/data.py)
+        # A missing document or summary cannot be trained on or scored (it would become ""): an error, not a guess.
+        for column, option, what in ((text, "text_column", "document"), (target, "target_column", "summary")):
+            require_text(splits, column, option, cfg)
+            for split, ds in splits.items():
+                row = first_blank(ds, column)
+                if row is not None:
+                    where = f"{split} split, row {source_row(ds, row)}{split_source(cfg, split)}"
+                    raise UserError(f"{where}: column '{column}' holds no {what} (missing or empty); every example "
+                                    "needs a document and its summary: fill in or drop that row")
 
         def encode(batch):
             sources = [prefix + (t if t is not None else "") for t in batch[text]]

@@ -2,8 +2,14 @@
 """Publish a trained output folder to the Hugging Face Hub (or a Hub-compatible server) or a git remote.
 
     python scripts/publish.py OUTPUT_DIR REPO_ID [--hub-endpoint URL] [--private] [--revision REV]
-                              [--commit-message MSG] [--include-checkpoints]
+                              [--commit-message MSG] [--include-checkpoints] [--allow-unfinished]
     python scripts/publish.py OUTPUT_DIR --push-to-git URL [--revision BRANCH] ...
+
+OUTPUT_DIR must be a finished run (it holds run_summary.json, which the trainer writes last);
+--allow-unfinished publishes a stopped run's folder anyway, with a warning. A checkpoint folder
+(checkpoints/step-N) or a report folder of scripts/evaluate.py is never published. The branch
+published to then holds exactly the published files: files an earlier publish left there and this one
+does not include are deleted in the same commit (.gitattributes stays; other branches are not touched).
 
 The card (README.md) of a run is rendered again for where it goes, so that its how-to snippet loads
 REPO_ID (or the git clone) rather than the local folder; the folder itself is never written to.
@@ -32,6 +38,9 @@ def main(argv=None) -> int:
     parser.add_argument("--commit-message", help="commit message")
     parser.add_argument("--include-checkpoints", action="store_true",
                         help="also publish checkpoints, optimizer/scheduler/RNG states and tensorboard events")
+    parser.add_argument("--allow-unfinished", action="store_true",
+                        help="publish a folder without run_summary.json (a run that was stopped before its end), "
+                             "with a warning; checkpoint and evaluation report folders are refused even so")
     args = parser.parse_args(argv)
     if bool(args.repo_id) == bool(args.push_to_git):
         parser.error("give either REPO_ID or --push-to-git URL (exactly one)")
@@ -44,12 +53,13 @@ def main(argv=None) -> int:
     try:
         if args.push_to_git:
             sha = publish_to_git(args.output_dir, args.push_to_git, branch=args.revision or "main",
-                                 commit_message=args.commit_message, include_checkpoints=args.include_checkpoints)
+                                 commit_message=args.commit_message, include_checkpoints=args.include_checkpoints,
+                                 allow_unfinished=args.allow_unfinished)
             print(sha)
         else:
             url = publish_to_hub(args.output_dir, args.repo_id, endpoint=args.hub_endpoint, private=args.private,
                                  revision=args.revision, commit_message=args.commit_message,
-                                 include_checkpoints=args.include_checkpoints)
+                                 include_checkpoints=args.include_checkpoints, allow_unfinished=args.allow_unfinished)
             print(url)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

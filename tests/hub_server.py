@@ -359,6 +359,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: bytes = b"", headers: dict | None = None,
               content_type: str = "application/json", length: int | None = None) -> None:
+        with self.hub.lock:  # recorded before the client can see the reply, so a test reading it never races
+            self.hub.requests.append((self.command, self.path, status))
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body) if length is None else length))
@@ -367,8 +369,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":  # a HEAD reply never has a body, errors included
             self.wfile.write(body)
-        with self.hub.lock:
-            self.hub.requests.append((self.command, self.path, status))
 
     def _send_json(self, status: int, obj, headers: dict | None = None) -> None:
         self._send(status, json.dumps(obj).encode(), headers)

@@ -216,6 +216,60 @@ ROWS = [
      "(HF_HUB_OFFLINE is set and it is not in the local cache). Use local files instead", "inline", {}),
     ("unreachable Hub endpoint", None, lambda w: sentiment(w, "--model", "someone/model-not-in-any-cache"),
      "could not reach the Hugging Face Hub at http://127.0.0.1:9", "process", {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}),
+    # Item 5: --metric-for-best is checked against the recipe's metric names before anything is trained or written.
+    ("--metric-for-best not a metric", None, lambda w: sentiment(w, "--metric-for-best", "bogus"),
+     "--metric-for-best bogus is not a metric of the sentiment recipe; choose one of: accuracy, f1, loss", "process", {}),
+    ("--metric-for-best not an entity type of the labels", "ner",
+     lambda w: ["--recipe", "ner", "--model", w["bert_ner"], "--train-file", w["ner_train"], "--validation-file",
+                w["ner_train"], "--metric-for-best", "LOC_f1"],
+     "MISC_f1, MISC_number, ORG_precision, ORG_recall, ORG_f1, ORG_number, PER_precision, PER_recall, PER_f1, "
+     "PER_number, loss. Did you mean 'ORG_f1'?", "inline", {}),
+    # Item 4: label data errors name the split (and its file), the row counted from 1, and the column.
+    ("a null label", None, lambda w: sentiment(w, "--train-file", write_jsonl(
+        w["root"] / "null_label.jsonl", read_jsonl(w["train"])[:5] + [{"text": "no label here", "label": None}])),
+     "error: train split, row 6 of ", "inline", {}),
+    ("a null label: the column", None, lambda w: sentiment(w, "--train-file", write_jsonl(
+        w["root"] / "null_label.jsonl", read_jsonl(w["train"])[:5] + [{"text": "no label here", "label": None}])),
+     "null_label.jsonl, column 'label': the label is missing (null)", "inline", {}),
+    ("label column missing in one split", None, lambda w: sentiment(w, "--validation-file", write_jsonl(
+        w["root"] / "unlabelled.jsonl", [{"text": r["text"]} for r in read_jsonl(w["validation"])])),
+     "unlabelled.jsonl has no label column 'label' (not one value; its columns: text)", "inline", {}),
+    ("label column missing in one split: the split", None, lambda w: sentiment(w, "--validation-file", write_jsonl(
+        w["root"] / "unlabelled.jsonl", [{"text": r["text"]} for r in read_jsonl(w["validation"])])),
+     "error: the validation split of ", "inline", {}),
+    ("a null NER tag", "ner", lambda w: ["--recipe", "ner", "--model", w["bert_ner"], "--train-file", w["ner_train"],
+                                         "--validation-file", write_jsonl(w["root"] / "ner" / "null_tag.jsonl", [
+                                             {"tokens": ["EU", "rejects"], "ner_tags": ["B-ORG", None]}])],
+     "null_tag.jsonl, column 'ner_tags': tag None is not a tag", "inline", {}),
+    # Item 12 (task E): messages that name the file, line, column or model kind at fault.
+    ("numbers in one split's text column", None, lambda w: sentiment(w, "--train-file", _numbers(w)),
+     "column 'text' holds numbers (int64) in the train data file", "inline", {}),
+    ("numbers in the only file's text column", None, lambda w: ["--model", w["bert"], "--train-file", _numbers(w)],
+     "numbers.jsonl: column 'text' (--text-column) holds numbers (int64) where text is expected", "inline", {}),
+    ("header-only CSV", None, lambda w: sentiment(w, "--train-file", _write(w, "train.csv", "text,label\ngood,1\nbad,0\n"),
+                                                  "--validation-file", _write(w, "header_only.csv", "text,label\n")),
+     "header_only.csv (validation split): it has a header line (text, label) but no rows", "inline", {}),
+    ("JSON parse error: the file and its line", None, lambda w: sentiment(w, "--validation-file", _write(
+        w, "broken.jsonl", "".join(json.dumps(r) + "\n" for r in read_jsonl(w["validation"])[:4]) + '{"text": "cut')),
+     "broken.jsonl (validation split): line 5 is not valid JSON", "inline", {}),
+    ("image model for a text recipe: the whole message", None, lambda w: sentiment(w, "--model", w["vit"]),
+     "cannot be used for recipe 'sentiment': it is an image model, and this recipe takes text models (bert, roberta",
+     "inline", {}),
+    ("missing audio file named in metadata.jsonl", "asr",
+     lambda w: ["--recipe", "asr", "--model", w["wav2vec2"], "--dataset", _speech_missing(w)],
+     "nope.wav: unreadable: the file is missing", "inline", {}),
+    # Item 13 (task E): an input that cannot be empty is an error naming split, row and column.
+    ("a null summary", "summarization", lambda w: _summaries(w), "validation split, row 5 of ", "inline", {}),
+    ("a null summary: the column", "summarization", lambda w: _summaries(w),
+     "null_summary.jsonl: column 'summary' holds no summary (missing or empty)", "inline", {}),
+    ("a null word in an NER sentence", "ner",
+     lambda w: ["--recipe", "ner", "--model", w["bert_ner"], "--train-file", w["ner_train"], "--validation-file",
+                write_jsonl(w["root"] / "task_e" / "null_word.jsonl", [{"tokens": ["EU", None], "ner_tags": ["B-ORG", "O"]}])],
+     "validation split, row 1 of ", "inline", {}),
+    ("a null word in an NER sentence: the word", "ner",
+     lambda w: ["--recipe", "ner", "--model", w["bert_ner"], "--train-file", w["ner_train"], "--validation-file",
+                write_jsonl(w["root"] / "task_e" / "null_word.jsonl", [{"tokens": ["EU", None], "ner_tags": ["B-ORG", "O"]}])],
+     "null_word.jsonl: word 2 of column 'tokens' is missing (null)", "inline", {}),
 ]
 
 
@@ -265,3 +319,42 @@ def test_a_sequence_far_over_the_limit_is_truncated_with_a_count(world, capsys, 
     assert not error_lines(err)
     assert "1 texts were longer than max_length=128 tokens and were truncated (train 1 of 16)" in err
     assert (out / "run_summary.json").is_file()
+
+
+# ------------------------------------------------------------------ task E's rows: files and a model made on first use
+def _write(w, name: str, text: str) -> Path:
+    path = w["root"] / "task_e" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _numbers(w) -> Path:
+    return write_jsonl(w["root"] / "task_e" / "numbers.jsonl", [{"text": 1000 + i, "label": i % 2} for i in range(8)])
+
+
+def _summaries(w) -> list:
+    """Summarization args whose validation file's 5th row has no summary."""
+    rows = read_jsonl(DATA / "xsum" / "train.jsonl", limit=8)
+    return ["--recipe", "summarization", "--model", _tiny_t5(w), "--max-new-tokens", "4",
+            "--train-file", write_jsonl(w["root"] / "task_e" / "summaries.jsonl", rows[:4]),
+            "--validation-file", write_jsonl(w["root"] / "task_e" / "null_summary.jsonl",
+                                             rows[4:8] + [{"document": "A document, no summary.", "summary": None}])]
+
+
+def _speech_missing(w) -> Path:
+    """An audiofolder whose validation metadata names a file that is not there."""
+    folder = w["root"] / "task_e" / "speech_missing"
+    if not folder.is_dir():
+        shutil.copytree(w["speech_corrupt"] / "train", folder / "train")
+        (folder / "validation").mkdir()
+        write_jsonl(folder / "validation" / "metadata.jsonl", [{"file_name": "nope.wav", "text": "HELLO"}])
+    return folder
+
+
+def _tiny_t5(w) -> Path:
+    if "t5" not in w:
+        from tiny_models import make_tiny_model
+
+        w["t5"] = make_tiny_model("t5", w["root"] / "t5", task="seq2seq")
+    return w["t5"]

@@ -94,3 +94,28 @@ def test_shipped_configs_parse():
         assert first_line.startswith("#") and "scripts/run.py" in first_line, f"{path.name} must start with its command"
         cfg = parse_args(["--config", str(path)], RECIPES)
         assert cfg.recipe in RECIPES
+
+
+@pytest.mark.parametrize("argv, field, expected", [
+    # GLUE hides its test labels, so sentiment's default has no test split; the user's own test file must be used.
+    (["--recipe", "sentiment", "--train-file", "a.jsonl", "--test-file", "c.jsonl"], "test_split", "test"),
+    (["--recipe", "sentiment", "--dataset", "me/reviews"], "dataset_config", None),
+    (["--recipe", "sentiment", "--dataset", "nyu-mll/glue"], "dataset_config", "sst2"),  # the same dataset keeps its facts
+    (["--recipe", "sentiment", "--dataset", "nyu-mll/glue"], "test_split", None),
+    (["--recipe", "summarization", "--dataset", "me/news"], "dataset_revision", None),
+    (["--recipe", "asr", "--dataset", "me/speech"], "train_split", "train"),
+    # A partner option set higher up replaces the lower layers' value: max_steps beats num_epochs, warmup_steps
+    # beats warmup_ratio, so a lower layer's partner would silently win over the explicit choice.
+    (["--recipe", "asr", "--warmup-ratio", "0.2"], "warmup_steps", None),
+    (["--config", "recipes/configs/asr_whisper.yaml", "--num-epochs", "1"], "max_steps", None),
+    (["--config", "recipes/configs/asr_whisper.yaml", "--max-steps", "7"], "max_steps", 7),
+])
+def test_a_recipe_default_never_overrides_an_explicit_choice(argv, field, expected):
+    assert getattr(parse_args(argv, RECIPES), field) == expected
+
+
+def test_yaml_dataset_facts_go_with_the_yaml_dataset(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("recipe: asr\ndataset: me/speech\ntrain_split: train.clean\n")
+    assert parse_args(["--config", str(config)], RECIPES).train_split == "train.clean"
+    assert parse_args(["--config", str(config), "--dataset", "me/other"], RECIPES).train_split == "train"

@@ -17,6 +17,9 @@
   one error line naming the file, the previous run's files put back or never touched.
 - The end of a run replaces the previous finished run as a unit: killed in the middle, the folder
   never shows the new weights beside the old run_summary.json.
+- An --overwrite-output-dir run works in .next-run/ until its end: killed after its first checkpoint, the
+  old run is byte-identical and --resume finishes the new run, which then replaces the old one as a unit;
+  killed during that replacement, the next run on the folder first undoes (or completes) it.
 """
 
 import hashlib
@@ -290,8 +293,9 @@ def test_failed_late_write_puts_the_previous_run_back(setup, uninterrupted, tmp_
 
 
 def test_failed_early_write_is_one_error_line_and_deletes_nothing(setup, uninterrupted, tmp_path, capsys):
-    """run_config.json, the first file a run writes, before --overwrite-output-dir deletes the old
-    checkpoints and log: refused, the previous run stays whole, logs and checkpoints included."""
+    """run_config.json, the first file a resumed run writes in the folder itself: refused, the previous run
+    stays whole, logs and checkpoints included. (An --overwrite-output-dir run writes nothing of the old run's
+    until its end: see test_killed_overwrite_run_leaves_the_old_run_whole_and_resume_replaces_it.)"""
     from pipelines import cli
 
     root, args = setup
@@ -299,7 +303,7 @@ def test_failed_early_write_is_one_error_line_and_deletes_nothing(setup, uninter
     shutil.copytree(uninterrupted, out)
     (out / "run_config.json.tmp").mkdir()
     before = hashes(out)
-    assert cli.main([str(a) for a in [*args, "--max-steps", "2", "--output-dir", out, "--overwrite-output-dir"]]) == 2
+    assert cli.main([str(a) for a in [*args, "--max-steps", "22", "--output-dir", out, "--resume"]]) == 2
     (line,) = error_lines(capsys.readouterr().err)
     assert f"could not write run_config.json to {out}: Is a directory" in line
     assert f"previous outputs in {out} are intact" in line
@@ -316,12 +320,76 @@ def test_killed_while_replacing_the_previous_run_never_leaves_new_weights_beside
     kill_when(run, lambda o: (o / ".old-final").is_dir())
     marker = out / "run_summary.json"
     weights = out / "model.safetensors"
-    if marker.exists():  # only the new run's summary can be there, and then with the new weights
-        assert json.loads(marker.read_text())["global_step"] == 22
-        assert hashes(out)["model.safetensors"] != old["model.safetensors"]
+    if marker.exists():  # a summary beside its own weights: the old run's (not yet moved) or the new one's
+        new_summary = json.loads(marker.read_text())["global_step"] == 22
+        assert new_summary == (hashes(out)["model.safetensors"] != old["model.safetensors"])
     print("left by the kill:", sorted(p.name for p in out.iterdir()), "weights replaced:",
           weights.is_file() and hashes(out)["model.safetensors"] != old["model.safetensors"])
     done = run_script(run)  # and the same command finishes the run afterwards
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(marker.read_text())["global_step"] == 22
     assert not (out / ".tmp-final").exists() and not (out / ".old-final").exists()
+
+
+# --------------------------------------------------------------------------- overwriting another run
+# An --overwrite-output-dir run keeps its own files in .next-run/ until its end swaps them in with the model.
+OVERWRITE = ["--max-steps", "10", "--eval-steps", "5", "--load-best-at-end", "false", "--overwrite-output-dir"]
+INTERNAL = (".next-run", ".run.lock", ".tmp-final", ".old-final", ".swap.json")
+
+
+def assert_new_run_replaced_the_old_one(out: Path, old: dict):
+    """The folder holds the 10-step run and nothing of the 20-step one, nor any bookkeeping of the swap."""
+    assert json.loads((out / "run_summary.json").read_text())["global_step"] == 10
+    assert json.loads((out / "run_config.json").read_text())["config"]["max_steps"] == 10
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000005", "step-00000010"]
+    assert max(row["step"] for row in read_jsonl(out / "metrics.jsonl")) == 10  # the old log went to 20
+    assert not [name for name in INTERNAL if (out / name).exists()]
+    new = hashes(out)
+    assert new["model.safetensors"] != old["model.safetensors"]
+    old_events = {rel for rel in old if rel.startswith("tensorboard/")}
+    assert old_events and not old_events & set(new), "the old run's TensorBoard events went with it"
+
+
+def test_killed_overwrite_run_leaves_the_old_run_whole_and_resume_replaces_it(setup, uninterrupted, tmp_path):
+    root, args = setup
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    old = hashes(out)
+    run = [*args, *OVERWRITE, "--output-dir", out]
+    staged = out / ".next-run"
+    kill_when(run, lambda o: complete(staged, 5))
+    # Model, config, metrics, checkpoints, reports, TensorBoard: all of the old run as it was.
+    assert hashes(out, skip=(".next-run", ".run.lock")) == old
+    assert (out / ".run.lock").is_file()  # the killed run's, now stale
+
+    done = run_script([*run, "--resume"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "took over the lock" in done.stderr and "that process is gone" in done.stderr
+    assert f"resumed from {staged / 'checkpoints' / 'step-00000005'} (step 5" in done.stdout + done.stderr
+    assert_new_run_replaced_the_old_one(out, old)
+
+
+def test_killed_while_an_overwrite_run_replaces_the_old_one_is_undone_then_finished(setup, uninterrupted, tmp_path):
+    """Killed in the middle of the swap: the next run on the folder (even one that then fails on a bad option)
+    first puts the folder back to one whole run; --resume then finishes the new run."""
+    root, args = setup
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    old = hashes(out)
+    run = [*args, *OVERWRITE, "--output-dir", out]
+    kill_when(run, lambda o: (o / ".old-final").is_dir())
+    print("left by the kill:", sorted(p.name for p in out.iterdir()))
+
+    bad = run_script([*run, "--metric-for-best", "bogus"])
+    assert bad.returncode == 2, bad.stderr[-3000:]
+    (line,) = error_lines(bad.stderr)
+    assert "--metric-for-best bogus" in line
+    assert not (out / ".swap.json").exists() and not (out / ".old-final").exists()
+    if (out / ".next-run").is_dir():  # undone: the old run whole again, the new one staged beside it
+        assert hashes(out, skip=INTERNAL) == old
+        assert "undid the unfinished replacement" in bad.stderr
+        done = run_script([*run, "--resume"])
+        assert done.returncode == 0, done.stderr[-3000:]
+    else:  # the new run was whole already (its marker written): the swap was completed
+        assert "completed the replacement" in bad.stderr
+    assert_new_run_replaced_the_old_one(out, old)

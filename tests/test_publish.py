@@ -64,6 +64,7 @@ def output_dir(tmp_path_factory) -> Path:
     (out / "README.md").write_text(CARD)
     (out / "eval_report.json").write_text(json.dumps({"accuracy": 0.5, "f1": 0.4}))
     (out / "run_config.json").write_text(json.dumps({"strategy": "full", "epochs": 1}))
+    (out / "run_summary.json").write_text(json.dumps({"global_step": 1}))  # a finished run (not published itself)
     Image.new("RGB", (16, 8), (200, 30, 30)).save(out / "loss.png")
     state = out / "checkpoints" / "step-1"
     state.mkdir(parents=True)
@@ -208,6 +209,7 @@ def test_invalid_repo_id_fails_before_any_request(output_dir, hub, repo_id):
 def test_pickle_weights_are_refused(tmp_path, hub):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04N.")
+    (tmp_path / "run_summary.json").write_text("{}")
     with pytest.raises(UserError, match="pickle weights"):
         publish_to_hub(tmp_path, "me/pickled", endpoint=hub.url)
     assert hub.requests == []
@@ -249,16 +251,10 @@ def _git(*args: str, cwd=None) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
 
 
-def test_publish_to_git_with_lfs(output_dir, tmp_path, monkeypatch):
-    if shutil.which("git") is None or subprocess.run(["git", "lfs", "version"], capture_output=True).returncode:
-        pytest.skip("git-lfs is not installed")
-    # Hermetic git: no user/system config (the product must commit without a configured identity).
-    (tmp_path / "gitconfig").write_text("")
-    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "gitconfig"))
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
-    bare = tmp_path / "remote.git"
-    _git("init", "--quiet", "--bare", str(bare))
-    url = f"file://{bare}"
+def test_publish_to_git_with_lfs(output_dir, tmp_path, bare_git):
+    # Hermetic git (bare_git): no user/system config, so the product must commit without a configured identity.
+    url = bare_git
+    bare = Path(url.removeprefix("file://"))
 
     sha = publish_to_git(output_dir, url)
     assert _git("rev-parse", "main", cwd=bare).strip() == sha
@@ -376,3 +372,188 @@ def test_git_card_target_and_credentials():
     for url in ("https://user:hf_secret@example.com/me/model", "https://hf_secret@huggingface.co/me/model"):
         with pytest.raises(UserError, match="contains credentials"):
             check_git_remote(url, "--push-to-git")
+
+
+# ---------------------------------------------------------------- only finished runs; the remote holds exactly them
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory) -> dict:
+    """Folders as the project writes them: a finished scripts/run.py run (tiny BERT, 2 steps, a checkpoint at each),
+    what a run killed before its end leaves (run_config.json, metrics, checkpoints: no model, no run_summary.json),
+    a checkpoint of each, and a report folder of scripts/evaluate.py on the finished model."""
+    from conftest import DATA, read_jsonl, run_script, write_jsonl
+    from tiny_models import make_tiny_model
+
+    if not (DATA / "sst2" / "train.jsonl").is_file():
+        pytest.skip(f"shared data not found at {DATA}")
+    root = tmp_path_factory.mktemp("real_run")
+    rows = read_jsonl(DATA / "sst2" / "train.jsonl", limit=48)
+    write_jsonl(root / "data" / "train.jsonl", rows[:32])
+    write_jsonl(root / "data" / "validation.jsonl", rows[32:])
+    base = make_tiny_model("bert", root / "base", task="sequence-classification", num_labels=2)
+    common = ["--recipe", "sentiment", "--dataset", root / "data", "--max-length", 32, "--bootstrap-samples", 0]
+    run = root / "run"
+    done = run_script([*common, "--model", base, "--output-dir", run, "--max-steps", 2, "--eval-steps", 1,
+                       "--batch-size", 8], env={"HF_HOME": str(root / "hf")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = root / "eval"
+    done = run_script([*common, "--model", run, "--split", "validation", "--output-dir", report],
+                      script="scripts/evaluate.py", env={"HF_HOME": str(root / "hf")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    killed = root / "killed"
+    killed.mkdir()
+    for name in ("run_config.json", "metrics.jsonl"):
+        shutil.copyfile(run / name, killed / name)
+    shutil.copytree(run / "checkpoints", killed / "checkpoints")
+    checkpoint = sorted((run / "checkpoints").iterdir())[-1]
+    return {"run": run, "report": report, "killed": killed, "checkpoint": checkpoint,
+            "killed_checkpoint": killed / "checkpoints" / checkpoint.name}
+
+
+@pytest.fixture
+def bare_git(tmp_path, monkeypatch) -> str:
+    """A bare git repository as the remote (file:// URL), with hermetic git (no user or system config)."""
+    if shutil.which("git") is None or subprocess.run(["git", "lfs", "version"], capture_output=True).returncode:
+        pytest.skip("git-lfs is not installed")
+    (tmp_path / "gitconfig").write_text("")
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "gitconfig"))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    bare = tmp_path / "remote.git"
+    _git("init", "--quiet", "--bare", str(bare))
+    return f"file://{bare}"
+
+
+def _git_state(url: str) -> dict:
+    """Every ref of the bare remote and the files of each branch."""
+    bare = url[len("file://"):]
+    listing = _git("for-each-ref", "--format=%(refname) %(objectname)", cwd=bare)
+    refs = dict(line.split() for line in listing.splitlines())
+    return {ref: (sha, set(_git("ls-tree", "-r", "--name-only", sha, cwd=bare).split())) for ref, sha in refs.items()}
+
+
+def _error_line(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, done.stderr[-2000:]
+    return errors[0]
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("killed", ["not a finished run, it has no run_summary.json and no model weights", "--resume",
+                "--allow-unfinished"]),
+    ("checkpoint", ["is a training checkpoint", "publish the run's output folder {run} instead"]),
+    ("killed_checkpoint", ["is a training checkpoint",
+                           "--output-dir {killed} --resume`, then publish the run's output folder {killed}"]),
+    ("report", ["is an evaluation report folder", "scripts/evaluate.py", "not a model"]),
+])
+def test_only_a_finished_run_is_published(real_run, kind, expected, hub, bare_git, tmp_path):
+    """A killed run's folder, a checkpoint and an evaluation report folder: one error line, exit 2, and both
+    remotes exactly as they were (same commit, same files; no request at all to the Hub server)."""
+    publish_to_hub(real_run["run"], "me/tiny-run", endpoint=hub.url)
+    publish_to_git(real_run["run"], bare_git)
+    head, files, seen = hub.head("me/tiny-run"), _remote_files(hub, "me/tiny-run"), len(hub.requests)
+    git_before = _git_state(bare_git)
+    expected = [text.format(**real_run) for text in expected]
+
+    for target in (["me/tiny-run", "--hub-endpoint", hub.url], ["--push-to-git", bare_git]):
+        error = _error_line(_cli(str(real_run[kind]), *target, home=tmp_path / "hf"))
+        assert str(real_run[kind]) in error and all(text in error for text in expected), error
+    assert hub.requests[seen:] == []
+    assert hub.head("me/tiny-run") == head and _remote_files(hub, "me/tiny-run") == files
+    assert _git_state(bare_git) == git_before
+
+    if kind != "killed":  # forcing publishes a stopped run, never a checkpoint or a report
+        seen = len(hub.requests)
+        for publish, target in ((publish_to_hub, {"repo_id": "me/tiny-run", "endpoint": hub.url}),
+                                (publish_to_git, {"url": bare_git})):
+            with pytest.raises(UserError) as err:
+                publish(real_run[kind], **target, allow_unfinished=True)
+            assert all(text in str(err.value) for text in expected), err.value
+        assert hub.requests[seen:] == [] and _git_state(bare_git) == git_before
+
+
+def test_finished_marker_is_the_trainers():
+    from pipelines import publish, trainer
+
+    assert publish.FINISHED_MARKER == trainer.FINISHED_MARKER
+
+
+def test_allow_unfinished_publishes_a_stopped_run_with_a_warning(real_run, hub, bare_git, tmp_path):
+    """A run stopped just before its end (the model saved, no run_summary.json yet) is refused, and published
+    with --allow-unfinished and a warning; a stopped run without a model is refused even so."""
+    stopped = tmp_path / "stopped"
+    shutil.copytree(real_run["run"], stopped)
+    (stopped / "run_summary.json").unlink()
+    for target in (["me/stopped", "--hub-endpoint", hub.url], ["--push-to-git", bare_git]):
+        error = _error_line(_cli(str(stopped), *target, home=tmp_path / "hf"))
+        assert "it has no run_summary.json (" in error and "--allow-unfinished" in error, error
+    assert hub.head("me/stopped") is None and _git_state(bare_git) == {}
+
+    for target in (["me/stopped", "--hub-endpoint", hub.url], ["--push-to-git", bare_git]):
+        done = _cli(str(stopped), *target, "--allow-unfinished", home=tmp_path / "hf")
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"warning: publishing {stopped} although it is not a finished run (no run_summary.json)" in done.stderr
+    expected = set(select_files(stopped)) | {".gitattributes"}
+    assert "model.safetensors" in expected and _remote_files(hub, "me/stopped") == expected
+    assert _git_state(bare_git)["refs/heads/main"][1] == expected
+
+    error = _error_line(_cli(str(real_run["killed"]), "me/stopped", "--hub-endpoint", hub.url, "--allow-unfinished",
+                             home=tmp_path / "hf"))
+    assert "holds no model weights" in error, error
+
+
+def test_hub_remote_holds_exactly_the_published_files(output_dir, hub, tmp_path):
+    """A file removed from the folder (a plot), and training state of an earlier --include-checkpoints publish,
+    are deleted from the branch published to, in the same commit; .gitattributes stays; other branches keep theirs."""
+    folder = tmp_path / "out"
+    shutil.copytree(output_dir, folder)
+    publish_to_hub(folder, "me/tiny-bert", endpoint=hub.url, include_checkpoints=True)
+    full = _remote_files(hub, "me/tiny-bert")
+    assert {"loss.png", "checkpoints/step-1/optimizer.bin", "runs/events.out.tfevents.1.host"} <= full
+    publish_to_hub(folder, "me/tiny-bert", endpoint=hub.url, revision="candidate", include_checkpoints=True)
+    repo = hub.repos[("model", "me/tiny-bert")]
+    candidate, main = hub.head("me/tiny-bert", "candidate"), hub.head("me/tiny-bert")
+
+    (folder / "loss.png").unlink()
+    commit = publish_to_hub(folder, "me/tiny-bert", endpoint=hub.url)
+    expected = PUBLISHED - {"loss.png"} | {".gitattributes"}
+    assert _remote_files(hub, "me/tiny-bert") == expected
+    assert repo.commits[commit.oid]["parent"] == main  # one commit: uploads (none here) and deletions together
+    assert hub.head("me/tiny-bert", "candidate") == candidate and set(repo.commits[candidate]["files"]) == full
+
+    again = publish_to_hub(folder, "me/tiny-bert", endpoint=hub.url)  # nothing changed: no new commit
+    assert again.oid == commit.oid == hub.head("me/tiny-bert")
+
+    publish_to_hub(folder, "me/tiny-bert", endpoint=hub.url, revision="candidate")
+    assert set(repo.commits[hub.head("me/tiny-bert", "candidate")]["files"]) == expected
+    assert hub.head("me/tiny-bert") == commit.oid
+
+
+def test_git_remote_holds_exactly_the_published_files(output_dir, bare_git, tmp_path):
+    """The same on a git remote with LFS: the removed plot and the earlier training state are deleted from the
+    branch in one commit, the other files (LFS ones included) come back intact, other branches keep theirs."""
+    folder = tmp_path / "out"
+    shutil.copytree(output_dir, folder)
+    first = publish_to_git(folder, bare_git, include_checkpoints=True)
+    publish_to_git(folder, bare_git, branch="candidate", include_checkpoints=True)
+    full = _git_state(bare_git)["refs/heads/main"][1]
+    assert {"loss.png", "checkpoints/step-1/optimizer.bin", "runs/events.out.tfevents.1.host"} <= full
+
+    (folder / "loss.png").unlink()
+    second = publish_to_git(folder, bare_git)
+    state = _git_state(bare_git)
+    expected = PUBLISHED - {"loss.png"} | {".gitattributes"}
+    assert state["refs/heads/main"] == (second, expected)
+    assert state["refs/heads/candidate"][1] == full
+    assert _git("rev-parse", f"{second}~1", cwd=bare_git[len("file://"):]).strip() == first
+
+    clone = tmp_path / "clone"
+    _git("clone", "--quiet", "--branch", "main", bare_git, str(clone))
+    _git("lfs", "install", "--local", cwd=clone)
+    _git("lfs", "pull", cwd=clone)
+    for name in PUBLISHED - {"loss.png"}:
+        assert filecmp.cmp(folder / name, clone / name, shallow=False), name
+    assert not (clone / "loss.png").exists() and not (clone / "checkpoints").exists()
+
+    assert publish_to_git(folder, bare_git) == second  # nothing changed: no new commit
+    assert _git_state(bare_git) == state

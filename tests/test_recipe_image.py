@@ -210,3 +210,118 @@ def test_card_snippet_runs_on_the_saved_example_from_the_folder_and_from_the_hub
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert {p["label"] for p in ast.literal_eval(ran.stdout.strip())} <= set(CLASSES), ran.stdout
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # published from a staging copy
+
+
+# ------------------------------------------------------------------------------------------ decoding every mode
+GRADIENT_16 = np.linspace(0, 65535, 48 * 64).round().astype(np.uint16).reshape(48, 64)
+
+
+def decoded(path: Path) -> np.ndarray:
+    from recipes.image_classification import open_image
+
+    by_path = np.asarray(open_image({"path": str(path), "bytes": None}))
+    by_bytes = np.asarray(open_image({"path": None, "bytes": path.read_bytes()}))
+    assert by_path.dtype == np.uint8 and by_path.shape[2] == 3
+    assert np.array_equal(by_path, by_bytes)
+    return by_path
+
+
+def test_a_16_bit_gradient_keeps_its_gradient(tmp_path):
+    """PIL's convert("RGB") clips 16-bit values at 255: the gradient would turn black and white."""
+    expected = np.round(GRADIENT_16 / 65535 * 255).astype(np.uint8)
+    files = {"png": tmp_path / "g16.png", "png_big_endian": tmp_path / "g16b.png", "tiff_big_endian": tmp_path / "g16b.tif",
+             "tiff_int32": tmp_path / "g32.tif"}
+    big_endian = Image.frombytes("I;16B", (64, 48), GRADIENT_16.astype(">u2").tobytes())  # convert("I;16B") clips too
+    Image.fromarray(GRADIENT_16).save(files["png"])
+    big_endian.save(files["png_big_endian"])
+    big_endian.save(files["tiff_big_endian"])
+    Image.fromarray(GRADIENT_16.astype(np.int32)).save(files["tiff_int32"])  # mode I holding 16-bit values
+    modes = {}
+    for name, path in files.items():
+        with Image.open(path) as image:
+            modes[name] = image.mode
+        gray = decoded(path)
+        assert np.array_equal(gray[..., 0], expected), name
+        assert np.array_equal(gray[..., 0], gray[..., 2])
+        assert len(np.unique(gray)) == 256 and gray.min() == 0 and gray.max() == 255
+    assert modes == {"png": "I;16", "png_big_endian": "I;16", "tiff_big_endian": "I;16B", "tiff_int32": "I"}
+    with Image.open(files["png"]) as image:  # the bug this guards against: all but the darkest 1/257 become 255
+        assert (np.asarray(image.convert("RGB")) == 255).mean() > 0.99
+
+
+def test_a_dark_16_bit_image_stays_dark_and_8_bit_values_in_mode_i_keep_their_scale(tmp_path):
+    dark = (GRADIENT_16 // 16).astype(np.uint16)  # at most 4095 (a 12-bit sensor's range in a 16-bit file)
+    Image.fromarray(dark).save(tmp_path / "dark.png")
+    assert decoded(tmp_path / "dark.png").max() == round(4095 / 65535 * 255)
+    small = (GRADIENT_16 >> 8).astype(np.int32)  # mode I holding 0..255: an 8-bit image
+    Image.fromarray(small).save(tmp_path / "small.tif")
+    assert np.array_equal(decoded(tmp_path / "small.tif")[..., 0], small.astype(np.uint8))
+
+
+def test_float_images_scale_from_0_1_or_from_their_range(tmp_path):
+    unit = (GRADIENT_16 / 65535).astype(np.float32)
+    Image.fromarray(unit).save(tmp_path / "unit.tif")
+    assert np.array_equal(decoded(tmp_path / "unit.tif")[..., 0], np.round(unit.astype(np.float64) * 255).astype(np.uint8))
+    wide = unit * 10 - 5  # -5 .. 5: scaled by its own range
+    Image.fromarray(wide).save(tmp_path / "wide.tif")
+    gray = decoded(tmp_path / "wide.tif")[..., 0]
+    assert gray.min() == 0 and gray.max() == 255 and np.all(np.diff(gray.ravel().astype(int)) >= 0)
+
+
+def test_transparent_images_are_composited_on_white(tmp_path):
+    rgba = np.zeros((2, 3, 4), dtype=np.uint8)
+    rgba[..., 0] = 200  # red everywhere; opacity: transparent, half, opaque
+    rgba[:, 0, 3], rgba[:, 1, 3], rgba[:, 2, 3] = 0, 128, 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    out = decoded(tmp_path / "rgba.png")
+    assert out[0, 0].tolist() == [255, 255, 255]  # convert("RGB") would give the hidden red
+    assert out[0, 2].tolist() == [200, 0, 0]
+    assert out[0, 1].tolist() == [round(200 * 128 / 255 + 255 * 127 / 255), 127, 127]
+
+    la = np.stack([np.full((2, 2), 30, np.uint8), np.array([[0, 255], [0, 255]], np.uint8)], axis=-1)
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    assert decoded(tmp_path / "la.png")[:, :, 0].tolist() == [[255, 30], [255, 30]]
+
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    palette.putpixel((0, 0), 0)
+    palette.putpixel((1, 0), 1)
+    palette.save(tmp_path / "p.png", transparency=0)  # index 0 (black) is transparent
+    assert decoded(tmp_path / "p.png").tolist() == [[[255, 255, 255], [10, 20, 30]]]
+    palette_alpha = Image.new("P", (2, 2))
+    palette_alpha.putpalette([30, 30, 30] + [0] * 765)
+    palette_alpha.putalpha(Image.fromarray(la[..., 1]))  # PA (convert("PA") from LA would drop the alpha)
+    palette_alpha.save(tmp_path / "pa.tif")  # PNG cannot hold PA
+    assert decoded(tmp_path / "pa.tif")[:, :, 0].tolist() == [[255, 30], [255, 30]]
+
+
+def test_other_modes_go_through_pils_conversion(tmp_path):
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8), "RGB")
+    for mode, suffix in (("1", "png"), ("L", "png"), ("P", "png"), ("RGB", "png"), ("CMYK", "tif"), ("CMYK", "jpg"),
+                         ("YCbCr", "tif"), ("LAB", "tif")):
+        path = tmp_path / f"{mode}.{suffix}"
+        rgb.convert(mode).save(path)
+        with Image.open(path) as image:
+            assert image.mode == mode or (mode, suffix) == ("YCbCr", "jpg")
+            expected = np.asarray(image.convert("RGB"))
+        assert np.array_equal(decoded(path), expected), (mode, suffix)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.fromarray(np.zeros((10, 30, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: a viewer shows it 10 wide and 30 high
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    assert decoded(tmp_path / "rotated.jpg").shape == (30, 10, 3)
+
+
+def test_the_model_sees_a_16_bit_image_as_its_8_bit_equivalent(tiny_vit, tmp_path):
+    from transformers import AutoImageProcessor
+
+    Image.fromarray(GRADIENT_16).save(tmp_path / "g16.png")
+    Image.fromarray(np.round(GRADIENT_16 / 65535 * 255).astype(np.uint8)).save(tmp_path / "g8.png")
+    collate = ImageCollator(AutoImageProcessor.from_pretrained(tiny_vit), augmentation="none")
+    batch = collate([{"image": {"path": str(tmp_path / name), "bytes": None}, "labels": 0} for name in ("g16.png", "g8.png")])
+    pixels = batch["pixel_values"].numpy()
+    assert np.array_equal(pixels[0], pixels[1])
+    assert pixels[0].std() > 0.3  # a gradient over the whole range, not a saturated image

@@ -238,7 +238,7 @@ def test_bad_data_is_a_one_line_error(models, data, tmp_path):
     write_jsonl(folder / "validation.jsonl", data["validation"][:10])
     result = run_script(train_args(models["bert"], tmp_path / "out1", "--dataset", folder, "--max-steps", 1), env=ENV)
     n = len(rows[3]["tokens"])
-    assert_one_line_error(result, "train split, row 3", f"{n} tokens but {n - 1} tags")
+    assert_one_line_error(result, "train split, row 4", f"{n} tokens but {n - 1} tags")  # rows counted from 1
 
     result = run_script(train_args(models["bert"], tmp_path / "out2", "--dataset", data["folder"], "--max-steps", 1,
                                    "--label-column", "entities"), env=ENV)
@@ -252,7 +252,7 @@ def test_a_tag_outside_the_train_label_set_is_named(models, data, tmp_path):
     write_jsonl(folder / "train.jsonl", data["train"][:30])
     write_jsonl(folder / "validation.jsonl", validation)
     result = run_script(train_args(models["bert"], tmp_path / "out", "--dataset", folder, "--max-steps", 1), env=ENV)
-    assert_one_line_error(result, "validation split, row 2", "'B-ANIMAL'", "--label-names")
+    assert_one_line_error(result, "validation split, row 3", "'B-ANIMAL'", "--label-names")
 
 
 def test_label_set_from_class_label_names_label_names_or_the_train_tags():
@@ -275,7 +275,7 @@ def test_label_set_from_class_label_names_label_names_or_the_train_tags():
         tag_label_names(ints, "ner_tags", RunConfig())
     names = tag_label_names(ints, "ner_tags", RunConfig(label_names=hub_names))
     assert names == hub_names
-    with pytest.raises(UserError, match=r"validation split, row 0: tag 9 is outside the label set"):
+    with pytest.raises(UserError, match=r"validation split, row 1: tag 9 is outside the label set"):
         check_rows(ints, "tokens", "ner_tags", names)
 
     strings = datasets.DatasetDict({"train": datasets.Dataset.from_dict(

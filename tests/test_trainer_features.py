@@ -230,3 +230,16 @@ def test_plain_accelerate_launch_without_a_config_file_runs_one_process(world, t
     assert summary(out)["global_step"] == 2
     assert "rank_parameter_fingerprints" not in summary(out)  # one process
     assert done.stdout.count("done: model and reports in") == 1
+
+
+# ------------------------------------------------------------------------------------------ explicit inputs win
+
+
+def test_an_explicit_test_file_is_evaluated_although_the_recipe_default_has_no_test_split(world, capsys):
+    """sentiment's default (GLUE SST-2) has no test split: --test-file must still be evaluated, and reported."""
+    test = write_jsonl(world["root"] / "test.jsonl", world["rows"][:10])
+    stdout, out = succeed(world, capsys, "explicit_test", "--test-file", test, "--max-steps", "1")
+    results = summary(out)["results"]
+    assert results["test"]["samples"] == 10
+    assert json.loads((out / "eval_report.json").read_text())["split"] == "test"
+    assert "test" in stdout.splitlines()[-1]
