@@ -341,10 +341,10 @@ def build_card(cfg, recipe, summary: dict, report: dict, out_dir, *, id2label: d
 def write_model_card(out_dir, cfg, recipe, summary: dict, report: dict, **kwargs) -> Path:
     """Render the card and write it as out_dir/README.md (atomically); return the path."""
     card = build_card(cfg, recipe, summary, report, out_dir, **kwargs)
+    from pipelines.files import write_text
+
     path = Path(out_dir) / "README.md"
-    tmp = path.with_name("README.md.tmp")
-    tmp.write_text(str(card), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, str(card))
     return path
 
 
@@ -355,7 +355,9 @@ def card_for(folder, *, repo_id: str | None = None, revision: str | None = None,
     run of this project, or its README.md is a card of the user's own (not tagged finetune-pipelines):
     those are published as they are."""
     from pipelines.config import FIELDS, RunConfig
-    from recipes import RECIPES
+    from pipelines.recipe import registered
+
+    RECIPES = registered()
 
     out = Path(folder)
     snap = _run_snapshot(out)
@@ -409,7 +411,7 @@ def write_example_input(out_dir, recipe, raw_split, processor) -> str | None:
             if asr:
                 import soundfile
 
-                from recipes.asr import read_audio
+                from pipelines.media import read_audio
 
                 rate = processor.feature_extractor.sampling_rate
                 samples = read_audio(value, rate)
@@ -417,7 +419,7 @@ def write_example_input(out_dir, recipe, raw_split, processor) -> str | None:
                     continue
                 soundfile.write(tmp, samples, rate, format="WAV", subtype="PCM_16")
             else:
-                from recipes.image_classification import open_image
+                from pipelines.media import open_image
 
                 open_image(value).save(tmp, format="PNG")
         except Exception:  # noqa: BLE001 - an unreadable file: try the next one

@@ -7,16 +7,14 @@ rename, after every process has written its part and `trainer_state.json` is in 
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import os
 import shutil
 from pathlib import Path
 
+from pipelines.files import is_write_error, write_error, write_json
+
 STATE_FILE = "trainer_state.json"
-# Errors only a write gives: a full disk or quota, the file-size limit, a read-only file system.
-WRITE_ONLY_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
 def checkpoint_name(step: int) -> str:
@@ -52,67 +50,7 @@ def save(accelerator, out: Path, state: dict, run: dict | None = None) -> Path:
                           f"the earlier checkpoint {kept} is intact" if kept else "no earlier checkpoint exists") from None
 
 
-def is_write_error(e: BaseException) -> bool:
-    """An error of the file system, as each writer reports it: Python (OSError), safetensors
-    (SafetensorError "I/O error"), torch.save (RuntimeError from its zip writer)."""
-    if isinstance(e, OSError):
-        return True
-    text = str(e)
-    if type(e).__name__ == "SafetensorError":
-        return "I/O error" in text or "os error" in text
-    return isinstance(e, RuntimeError) and any(k in text for k in ("inline_container", "PytorchStreamWriter", "file write failed"))
-
-
-def is_output_write_error(e: BaseException, out) -> bool:
-    """An OSError from writing the run's own files: one that only a write gives, or a refused path
-    inside the output folder `out` (permissions, a file where a folder should be). A dataset or model
-    file that cannot be read is not one, nor is a missing file (a read: e.g. --resume)."""
-    if not isinstance(e, OSError):
-        return False
-    if e.errno in WRITE_ONLY_ERRNOS:
-        return True
-    if out is None or isinstance(e, FileNotFoundError):
-        return False
-    root = Path(out).resolve()
-    for name in (e.filename, e.filename2):
-        if isinstance(name, (str, bytes, os.PathLike)):  # not a file descriptor
-            path = Path(os.fsdecode(name)).resolve()
-            if path == root or root in path.parents:
-                return True
-    return False
-
-
-@contextlib.contextmanager
-def naming(path):
-    """Python reports a failed write() or close() (a full disk) without the file's name: add it."""
-    try:
-        yield
-    except OSError as e:
-        if e.filename is None:
-            e.filename = str(path)
-        raise
-
-
-def write_error(e: BaseException, what: str, where: Path, kept: str, again: str = "run again") -> "UserError":
-    from pipelines.errors import UserError
-
-    if isinstance(e, OSError) and e.strerror:
-        name = os.fsdecode(e.filename) if isinstance(e.filename, (str, bytes, os.PathLike)) else None
-        said = (str(where), str(Path(where) / what))  # not the same path twice
-        reason = e.strerror + (f" ({name})" if name and name not in said else "")
-    else:
-        reason = " ".join(str(e).split())[:200]
-        try:
-            reason += f"; {shutil.disk_usage(where.parent).free / 1e9:.1f} GB free there"
-        except OSError:
-            pass
-    return UserError(f"could not write {what} to {where}: {reason}. {kept[:1].upper()}{kept[1:]}; "
-                     f"free disk space or fix the folder's permissions, then {again}")
-
-
 def _save(accelerator, out: Path, state: dict, run: dict | None = None) -> Path:
-    from pipelines.trainer import write_json
-
     folder = Path(out) / "checkpoints"
     name = checkpoint_name(state["global_step"])
     tmp, final = folder / f".tmp-{name}", folder / name

@@ -1,4 +1,7 @@
-"""What scripts/run.py does: parse options, train, and turn user errors and failed writes into one line and exit 2."""
+"""The entry points: scripts/run.py (`main`) and scripts/evaluate.py (`evaluate_main`) parse options, run, and turn
+user errors and failed writes into one line and exit 2. Nothing in pipelines/ imports this module; the recipe
+table comes from the caller (the scripts pass recipes.RECIPES) or else from the registry that importing
+`recipes` fills."""
 
 from __future__ import annotations
 
@@ -8,7 +11,10 @@ import os
 import sys
 from pathlib import Path
 
+from pipelines.context import is_main_process
 from pipelines.errors import UserError
+from pipelines.files import write_failure
+from pipelines.recipe import registered
 
 
 def quiet_libraries() -> None:
@@ -23,9 +29,11 @@ def quiet_libraries() -> None:
     transformers_logging.disable_progress_bar()
 
 
-def main(argv=None) -> int:
+def main(argv=None, recipes: dict | None = None) -> int:
+    """scripts/run.py: train with the recipe `--recipe` names, from `recipes` (default: the registered ones)."""
     from pipelines.config import parse_args
-    from recipes import RECIPES
+
+    RECIPES = recipes if recipes is not None else registered()
 
     quiet_libraries()
     cfg = None
@@ -49,7 +57,7 @@ def main(argv=None) -> int:
         _close_progress_bars()
         print("interrupted: the last complete checkpoint is intact; continue with --resume", file=sys.stderr)
         return 130
-    if _is_main_process():
+    if is_main_process():
         print(done_line(cfg, RECIPES[cfg.recipe], summary))
     return 0
 
@@ -77,25 +85,6 @@ def done_line(cfg, recipe, summary: dict) -> str:
             f"every metric in {where if where.exists() else report_json}")
 
 
-def write_failure(e: OSError, out) -> str | None:
-    """The one-line message for a write of the run's files that failed (full disk, read-only folder), or None.
-
-    Checkpoints and the end of a run say what they kept themselves; every other write (the output folder,
-    run_config.json, metrics.jsonl, ...) lands here, from any entry point: none of them replaces the
-    previous finished run's files, which are therefore intact."""
-    from pipelines.checkpoints import is_output_write_error, write_error
-
-    if not is_output_write_error(e, out):
-        return None
-    path = Path(os.fsdecode(e.filename)) if isinstance(e.filename, (str, bytes, os.PathLike)) else None
-    if path is not None:
-        path = path.with_name(path.name.removesuffix(".tmp"))  # write_json's temporary file: name the real one
-    kept = f"the previous outputs in {out} are intact" if out else "no earlier file was replaced"
-    if path is None:
-        return str(write_error(e, "the run's files", Path(out or "."), kept))
-    return str(write_error(e, path.name, path.parent, kept))
-
-
 def _close_progress_bars() -> None:
     """End any progress bar still drawn (an error can stop the loop mid-bar), so the message starts a line."""
     try:
@@ -106,5 +95,56 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
-def _is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+def evaluate_main(argv, recipes: dict | None = None) -> int:
+    """scripts/evaluate.py: the options of scripts/run.py plus --split; one-line errors (exit 2)."""
+    import argparse
+    import sys
+
+    from pipelines.config import format_help, parse_args
+    from pipelines.evaluation import SPLITS, Evaluator
+
+    RECIPES = recipes if recipes is not None else registered()
+
+    pre = argparse.ArgumentParser(
+        prog="evaluate.py", add_help=False, allow_abbrev=False,
+        description="Evaluate a model (output folder, adapter folder or Hub id) on a dataset split with a "
+                    "recipe's metrics; writes eval_report.json/.md and plots into --output-dir. Takes every "
+                    "option of scripts/run.py (see its --help): use the run's data options (--dataset, "
+                    "--max-length, ...) to reproduce its evaluation.")
+    pre.add_argument("--split", default="validation", choices=SPLITS, help="split to evaluate (default validation)")
+    pre.add_argument("-h", "--help", action="store_true")
+    known, rest = pre.parse_known_args(argv)
+    if known.help:  # --split, then every option of scripts/run.py with the named recipe's defaults
+        print(format_help(rest, RECIPES, "evaluate.py", head=pre))
+        return 0
+    quiet_libraries()
+    cfg = None
+    try:
+        cfg = parse_args(rest, RECIPES)
+        given = any(a == "--output-dir" or a.startswith("--output-dir=") for a in rest)
+        if not given and cfg.output_dir == os.path.join("outputs", cfg.recipe):  # parse_args' default: a run's folder
+            raise UserError("--output-dir is required: the folder for eval_report.json/.md and the plots")
+        if cfg.model is None:
+            raise UserError("--model is required: an output folder, an adapter folder or a Hub id")
+        evaluator = Evaluator(cfg, RECIPES[cfg.recipe], known.split)
+        evaluator.setup()
+        report = evaluator.run()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a report that cannot be written (full disk, read-only folder): one line, as for a run
+        message = write_failure(e, cfg.output_dir if cfg else None)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if evaluator.accelerator.is_main_process:
+        from pipelines.report import headline_metrics
+
+        values = headline_metrics(report["metrics"], evaluator.recipe.main_metric, report.get("confidence_interval"))
+        print(f"done: {known.split} ({report.get('samples', '?')} examples): {values}; every metric in "
+              f"{os.path.join(cfg.output_dir, 'eval_report.md')}")
+    return 0

@@ -12,9 +12,11 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import textwrap
 import typing
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 from typing import Any, Optional
 
 from pipelines.errors import UserError, closest
@@ -607,8 +609,6 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.hub_revision is None or bool(BRANCH.match(cfg.hub_revision)) and ".." not in cfg.hub_revision,
          f"--hub-revision must be a branch name (letters, digits, '.', '_', '-', '/'), got {cfg.hub_revision!r}")
     if cfg.push_to_git is not None:  # checked before training, like --push-to-hub
-        from pipelines.publish import check_git_remote
-
         check_git_remote(cfg.push_to_git, "--push-to-git")
     need(cfg.num_beams >= 1 and cfg.max_new_tokens >= 1, "--num-beams and --max-new-tokens must be at least 1")
     for name in ("max_train_samples", "max_eval_samples", "max_length"):
@@ -649,3 +649,19 @@ def config_hash(cfg: RunConfig) -> str:
     data = snapshot(cfg)["config"]
     data.pop("output_dir", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def check_git_remote(url: str, option: str = "the git URL") -> None:
+    """Refuse, before any work, a URL with credentials and a machine without git or git-lfs."""
+    parts = urlsplit(url)
+    if not url.strip():
+        raise UserError(f"{option} is empty: give a git remote URL (file://, ssh:// or https://)")
+    # A password, or any user part of an http(s) URL (tokens go there), would land in .git/config and in
+    # error messages; ssh://git@host/... only names the account.
+    if parts.password or (parts.username and parts.scheme in ("http", "https")):
+        raise UserError(f"{option} contains credentials: remove them and use a git credential helper "
+                        "(git config credential.helper) or an SSH key instead")
+    if shutil.which("git") is None:
+        raise UserError(f"{option}: git is not installed: install git and git-lfs to publish to a git remote")
+    if subprocess.run(["git", "lfs", "version"], capture_output=True).returncode:
+        raise UserError(f"{option}: git-lfs is not installed: install it (e.g. apt-get install git-lfs) to publish to git")

@@ -16,6 +16,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from pipelines.context import is_main_process
 from pipelines.errors import UserError
 
 FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
@@ -428,7 +429,6 @@ def require_columns(splits, columns: dict) -> None:
 def require_text(splits, column: str, option: str, cfg=None) -> None:
     """A column the model reads as text (or as lists of words) must hold text: numbers there (a CSV column of
     ids, JSON with unquoted numbers) would fail deep inside the tokenizer, with a traceback."""
-    from pipelines.recipe import source_row, split_source
 
     for split, ds in splits.items():
         feature = ds.features[column]
@@ -490,7 +490,7 @@ def first_null_entry(ds, column: str) -> tuple | None:
 def warn_null_texts(recipe: str, splits, column: str, counts: dict, what: str) -> None:
     """One stderr line, from the main process only: how many values were missing (null) per split, used as ''."""
     total = sum(counts.values())
-    if total and os.environ.get("RANK", "0") == "0":
+    if total and is_main_process():
         detail = ", ".join(f"{split} {n} of {len(splits[split])}" for split, n in counts.items() if n)
         print(f"{recipe}: warning: {total} {what} in column '{column}' were missing (null) and were used as empty "
               f"text ({detail}); fix the data if they should hold text.", file=sys.stderr, flush=True)
@@ -551,3 +551,23 @@ def for_map(tokenizer):
     if getattr(tokenizer, "backend_tokenizer", None) is None or not hasattr(tokenizer, "init_kwargs"):
         return tokenizer
     return FingerprintedTokenizer(tokenizer)
+
+
+def split_source(cfg, split: str) -> str:
+    """Where a split was read from, for messages: " of FILE" (a validation split carved off: the train file),
+    " of DATASET", or "" when unknown."""
+    if cfg is None:
+        return ""
+    files = {"train": cfg.train_file, "validation": cfg.validation_file or cfg.train_file, "test": cfg.test_file}
+    if cfg.train_file or cfg.validation_file or cfg.test_file:
+        return f" of {files[split]}" if files.get(split) else ""
+    return f" of {cfg.dataset}" if cfg.dataset else ""
+
+
+def source_row(ds, index: int) -> int:
+    """The 1-based row, in the split as it was read, of row `index` of `ds`: a split carved off with a seed, or cut
+    with --max-*-samples, is a selection of the rows read (datasets keeps the mapping in `_indices`)."""
+    mapping = getattr(ds, "_indices", None)
+    if mapping is not None:
+        index = mapping.column(0)[index].as_py()
+    return index + 1

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from pipelines.config import check_git_remote
 from pipelines.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -327,22 +328,6 @@ def _write_gitattributes(work: Path, files: list[str]) -> None:
                and not any(fnmatch.fnmatch(Path(rel).name, p) for p in GIT_LFS_PATTERNS)]
     lines += [line for line in wanted if line not in lines]
     path.write_text("\n".join(lines) + "\n")
-
-
-def check_git_remote(url: str, option: str = "the git URL") -> None:
-    """Refuse, before any work, a URL with credentials and a machine without git or git-lfs."""
-    parts = urlsplit(url)
-    if not url.strip():
-        raise UserError(f"{option} is empty: give a git remote URL (file://, ssh:// or https://)")
-    # A password, or any user part of an http(s) URL (tokens go there), would land in .git/config and in
-    # error messages; ssh://git@host/... only names the account.
-    if parts.password or (parts.username and parts.scheme in ("http", "https")):
-        raise UserError(f"{option} contains credentials: remove them and use a git credential helper "
-                        "(git config credential.helper) or an SSH key instead")
-    if shutil.which("git") is None:
-        raise UserError(f"{option}: git is not installed: install git and git-lfs to publish to a git remote")
-    if subprocess.run(["git", "lfs", "version"], capture_output=True).returncode:
-        raise UserError(f"{option}: git-lfs is not installed: install it (e.g. apt-get install git-lfs) to publish to git")
 
 
 def git_card_target(url: str) -> tuple[str | None, str]:

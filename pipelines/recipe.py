@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from typing import Any
 
+from pipelines.context import is_main_process
+from pipelines.data import source_row, split_source  # noqa: F401 (also for the recipes)
 from pipelines.errors import UserError
 
 
@@ -24,6 +25,22 @@ class ModelLabels:
     def default_names(self) -> bool:
         """LABEL_0..LABEL_n: transformers' placeholders, which say nothing about what each id means."""
         return self.names == [f"LABEL_{i}" for i in range(len(self.names))]
+
+
+# The registered recipes, name -> recipe: importing the `recipes` package fills it (entry points do that), so
+# shared code finds the tasks without importing them.
+_REGISTRY: dict = {}
+
+
+def register(*recipes) -> None:
+    for recipe in recipes:
+        _REGISTRY[recipe.name] = recipe
+
+
+def registered() -> dict:
+    if not _REGISTRY:
+        raise RuntimeError("no recipe is registered: `import recipes` first (scripts/*.py do)")
+    return dict(_REGISTRY)
 
 
 class Recipe:
@@ -177,30 +194,6 @@ def resolve_column(splits, cfg, option: str, candidates: tuple) -> str:
 
 
 # ------------------------------------------------------------------------------------------ labels
-def is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"  # torchrun and accelerate launch set RANK
-
-
-def split_source(cfg, split: str) -> str:
-    """Where a split was read from, for messages: " of FILE" (a validation split carved off: the train file),
-    " of DATASET", or "" when unknown."""
-    if cfg is None:
-        return ""
-    files = {"train": cfg.train_file, "validation": cfg.validation_file or cfg.train_file, "test": cfg.test_file}
-    if cfg.train_file or cfg.validation_file or cfg.test_file:
-        return f" of {files[split]}" if files.get(split) else ""
-    return f" of {cfg.dataset}" if cfg.dataset else ""
-
-
-def source_row(ds, index: int) -> int:
-    """The 1-based row, in the split as it was read, of row `index` of `ds`: a split carved off with a seed, or cut
-    with --max-*-samples, is a selection of the rows read (datasets keeps the mapping in `_indices`)."""
-    mapping = getattr(ds, "_indices", None)
-    if mapping is not None:
-        index = mapping.column(0)[index].as_py()
-    return index + 1
-
-
 def columns_with_values(ds, exclude: str) -> list:
     """The columns of a split that hold at least one value (read as arrow: no image or audio is decoded)."""
     table = ds.with_format("arrow")[:]

@@ -312,7 +312,7 @@ def write_report(out_dir, cfg, recipe, split: str, metrics: dict, gathered: dict
     warning (in the report and on stderr), never as a failed run: the model is already saved.
     """
     from pipelines.config import config_hash
-    from pipelines.trainer import write_json, write_text
+    from pipelines.files import write_json, write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from pipelines.batching import EpochShuffleSampler, in_dataset_order, longest_fi
 from pipelines.config import RunConfig, config_hash, snapshot
 from pipelines.distributed import parameter_fingerprints, prepare_engine, real_examples_in_last_batch
 from pipelines.errors import UserError
+from pipelines.files import is_write_error, naming, write_error, write_json
 from pipelines.run_lock import LOCK_NAME, RunLock
 from pipelines.tuning import plan_tuning
 
@@ -52,25 +53,6 @@ RESUMABLE_CHANGES = frozenset({
     "trust_remote_code", "allow_pickle", "push_to_hub", "hub_endpoint", "hub_private", "hub_revision",
     "hub_commit_message", "push_to_git"})
 PATH_OPTIONS = ("model", "dataset", "train_file", "validation_file")  # the same file by another path is the same
-
-
-def write_json(path: Path, data) -> None:
-    """Write through a temporary file and rename, so a crash never leaves half a file."""
-    write_text(path, json.dumps(data, indent=2, default=str))
-
-
-def write_text(path: Path, text: str) -> None:
-    """Atomic like write_json; a failed write (full disk) names the file and leaves no partial .tmp behind."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with checkpoints.naming(path), open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if tmp.is_file():
-            tmp.unlink()
-        raise
 
 
 def output_path(cfg: RunConfig) -> Path:
@@ -464,7 +446,7 @@ class Trainer:
     def log(self, record: dict) -> None:
         acc = self.accelerator
         if acc.is_main_process:
-            with checkpoints.naming(self.log_path), open(self.log_path, "a", encoding="utf-8") as f:
+            with naming(self.log_path), open(self.log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             if acc.log_with:
                 scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
@@ -643,7 +625,7 @@ class Trainer:
         self.save_final_outputs(results, summary)
         acc.end_training()
         if (cfg.push_to_hub or cfg.push_to_git) and acc.is_main_process:
-            from pipelines.evaluation import publish_run
+            from pipelines.run_outputs import publish_run
 
             publish_run(self.out, cfg)
         return summary
@@ -667,9 +649,9 @@ class Trainer:
                 write_json(tmp / "eval_results.json", results)
             except Exception as e:  # disk full, read-only folder: one line; the earlier files stay as they were
                 shutil.rmtree(tmp, ignore_errors=True)
-                if not checkpoints.is_write_error(e):
+                if not is_write_error(e):
                     raise
-                raise checkpoints.write_error(e, "the final model", tmp,
+                raise write_error(e, "the final model", tmp,
                                               f"the files already in {self.out} were not replaced") from None
             self._replace_finished_run(tmp, summary)
         acc.wait_for_everyone()
@@ -698,7 +680,7 @@ class Trainer:
         """Move the old run's files aside (the marker first), this run's in (a staged run's WORK_FILES, then the
         model from .tmp-final), write the reports, the marker last. SWAP_JOURNAL says what moves and how far it
         got: a failure here undoes the swap at once, a kill is undone (or completed) by the next run's claim."""
-        from pipelines.evaluation import write_run_outputs
+        from pipelines.run_outputs import write_run_outputs
 
         out, aside, work = self.out, self.out / ".old-final", self.work
         staged = work != out
@@ -732,13 +714,13 @@ class Trainer:
             # staging folder, so no training is lost.
             self.log_path = work / "metrics.jsonl"
             undo_swap(out, journal)
-            if not checkpoints.is_write_error(e):
+            if not is_write_error(e):
                 raise
             named = isinstance(e, OSError) and isinstance(e.filename, str)
             what = Path(e.filename).name.removesuffix(".tmp") if named else "the reports"
             again = ("run again with --resume: it finishes from the last checkpoint without training again"
                      if self.cfg.save_checkpoints else "run again")
-            raise checkpoints.write_error(e, what, out, f"the previous outputs in {out} are intact "
+            raise write_error(e, what, out, f"the previous outputs in {out} are intact "
                                           f"(the new model is in {tmp})", again=again) from None
         finish_swap(out, journal)
 

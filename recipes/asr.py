@@ -53,7 +53,6 @@ back through the vocabulary, which would turn a character the vocabulary lacks i
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -62,7 +61,9 @@ from pathlib import Path
 
 from pipelines.data import for_map, null_counts, warn_null_texts
 from pipelines.distributed import synced_gpus
+from pipelines.context import say
 from pipelines.errors import UserError
+from pipelines.media import audio_name, read_audio  # noqa: F401 (read_audio: recipes.asr.read_audio for callers)
 from pipelines.recipe import Recipe, resolve_column
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif", ".au", ".caf", ".w64", ".rf64")
@@ -110,37 +111,6 @@ def clean_transcript(text) -> str:
 
 
 # ------------------------------------------------------------------------------------------ audio
-
-
-def read_audio(value, sampling_rate: int):
-    """Decode one Audio(decode=False) value ({"bytes", "path"} or a path) to float32 mono at `sampling_rate`."""
-    import numpy as np
-    import soundfile
-
-    if isinstance(value, dict):
-        data, path = value.get("bytes"), value.get("path")
-        source = io.BytesIO(data) if data else path
-    else:
-        source = value
-    if source is None:
-        raise ValueError("no audio bytes and no path")
-    if isinstance(source, str) and not os.path.isfile(source):  # libsndfile says only "System error."
-        raise FileNotFoundError("the file is missing (no such file)")
-    try:
-        audio, rate = soundfile.read(source, dtype="float32", always_2d=True)
-    except soundfile.LibsndfileError as e:  # its text starts "Error opening <_io.BytesIO object at 0x...>: "
-        raise ValueError(f"not a readable audio file ({e.error_string})") from None
-    audio = audio.mean(axis=1) if audio.shape[1] > 1 else audio[:, 0]
-    if rate != sampling_rate and len(audio):
-        import soxr
-
-        audio = soxr.resample(audio, rate, sampling_rate, quality="HQ")
-    return np.ascontiguousarray(audio, dtype=np.float32)
-
-
-def audio_name(value, index: int) -> str:
-    path = value.get("path") if isinstance(value, dict) else value
-    return str(path) if path else f"example #{index} (audio bytes)"
 
 
 def load_audio_folder(folder: str):
@@ -216,12 +186,6 @@ def _read_metadata(path: Path) -> list:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def say(message: str) -> None:
-    """Print once per machine (local rank 0), not once per process."""
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        print(message, flush=True)
 
 
 def _seconds_option(cfg, name: str, default: float | None) -> float | None:

@@ -25,93 +25,15 @@ LoRA: no peft task type (SEQ_CLS's wrapper passes input_ids, ViT takes pixel_val
 
 from __future__ import annotations
 
-import io
 import math
-import os
 
+from pipelines.context import say
 from pipelines.errors import UserError
+from pipelines.media import image_name, open_image
 from pipelines.recipe import Recipe, classification_labels, classification_statistic, head_options, resolve_column
 
 AUGMENTATIONS = ("crop-flip", "none")
 RATIO = (3 / 4, 4 / 3)
-
-
-def say(message: str) -> None:
-    """Print once per machine (local rank 0), not once per process."""
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        print(message, flush=True)
-
-
-def open_image(value):
-    """An Image(decode=False) value ({"bytes", "path"}), a path, or a PIL image, as a loaded RGB PIL image."""
-    from PIL import Image
-
-    if isinstance(value, Image.Image):
-        image = value
-    else:
-        if isinstance(value, dict):
-            data, path = value.get("bytes"), value.get("path")
-            source = io.BytesIO(data) if data else path
-        else:
-            source = value
-        if source is None:
-            raise ValueError("no image bytes and no path")
-        image = Image.open(source)
-        image.load()  # decode now: a truncated or garbage file fails here, not later
-    return to_rgb(image)
-
-
-def to_rgb(image):
-    """Any PIL mode as 8-bit RGB, as a person sees the image.
-
-    - 16-bit and 32-bit integer images (I;16, I;16B, I;16L, I) are scaled by their bit depth (65535 -> 255):
-      PIL's convert("RGB") clips them instead, so a 16-bit gradient turns black and white. I;16 is 16 bits; for
-      mode I (32-bit storage, often holding 8- or 16-bit data) the depth is the smallest of 8, 16 or 32 bits that
-      holds its largest value; negative values are scaled by the image's own range.
-    - Float images (F) are scaled from [0, 1] when their values lie there, else from their own range.
-    - Transparent images (RGBA, LA, PA, P with a transparent colour) are composited on white. A transparent
-      pixel's stored colour is arbitrary (often black) and convert("RGB") would expose it; image viewers, and so
-      the people who labelled the images, see the image over a background, white by convention.
-    - Every other mode (1, L, P, CMYK, YCbCr, LAB, HSV, ...) goes through PIL's own conversion.
-    - EXIF orientation is applied (a phone photo stored sideways is shown upright), as transformers' load_image
-      does, so training sees what inference through `pipeline()` sees.
-    """
-    import numpy as np
-    from PIL import Image, ImageOps
-
-    if image.getexif().get(0x0112, 1) != 1:  # the EXIF Orientation tag: 1 is upright (exif_transpose would copy)
-        image = ImageOps.exif_transpose(image)
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        return Image.fromarray(_to_8bit(np.asarray(image), image.mode), "L").convert("RGB")
-    if image.mode in ("LA", "PA", "RGBa") or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-    if image.mode == "RGBA":
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, image).convert("RGB")
-    return image.convert("RGB")
-
-
-def _to_8bit(values, mode: str):
-    """A high-depth single-channel array as uint8, scaled as to_rgb describes."""
-    import numpy as np
-
-    values = values.astype(np.float64)
-    finite = values[np.isfinite(values)]
-    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-    if mode == "F":
-        if 0 <= low and high <= 1:
-            low, high = 0.0, 1.0
-    elif low >= 0:  # integers: scale by the bit depth, so a dark image stays dark
-        bits = 16 if mode.startswith("I;16") else next(b for b in (8, 16, 32) if high < 2 ** b)
-        low, high = 0.0, float(2 ** bits - 1)
-    values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
-    scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
-    return np.clip(np.round(scaled * 255), 0, 255).astype(np.uint8)
-
-
-def image_name(value, index: int) -> str:
-    path = value.get("path") if isinstance(value, dict) else value
-    return str(path) if isinstance(path, str) and path else f"example #{index} (image bytes)"
 
 
 def random_resized_crop_flip(image, size, rng, scale=(0.08, 1.0), ratio=RATIO, flip_p=0.5, resample=None):

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from pipelines.data import first_null_entry, for_map, require_text
+from pipelines.context import is_main_process
 from pipelines.errors import UserError
 from pipelines.recipe import (Recipe, columns_with_values, head_options, parse_label_map, resolve_column, source_row,
                               split_source)
@@ -290,10 +291,6 @@ def needs_prefix_space(tokenizer) -> bool:
     spec = json.loads(backend.to_str()).get("pre_tokenizer") or {}
     parts = spec.get("pretokenizers", []) if spec.get("type") == "Sequence" else [spec]
     return any(p.get("type") == "ByteLevel" and not p.get("add_prefix_space") for p in parts)
-
-
-def is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"  # torchrun and accelerate launch set RANK
 
 
 # ------------------------------------------------------------------------------------------ the recipe

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
+from pipelines.context import is_main_process
 from pipelines.data import for_map, null_counts, require_text, warn_null_texts
 from pipelines.recipe import Recipe, classification_labels, classification_statistic, head_options, resolve_column
 
@@ -68,7 +68,7 @@ class SentimentRecipe(Recipe):
         encoded = splits.map(encode, batched=True, remove_columns=splits["train"].column_names,
                              desc="tokenizing")
         counts = {split: sum(ds["truncated"][:]) for split, ds in encoded.items()}  # [:]: one list, not a per-row read
-        if sum(counts.values()) and os.environ.get("RANK", "0") == "0":  # a count, not an error: once, by rank 0
+        if sum(counts.values()) and is_main_process():  # a count, not an error: once, by rank 0
             detail = ", ".join(f"{split} {n} of {len(encoded[split])}" for split, n in counts.items() if n)
             print(f"sentiment: {sum(counts.values())} texts were longer than max_length={max_length} tokens and were "
                   f"truncated ({detail}); raise --max-length (up to {tokenizer.model_max_length}) to keep more.",

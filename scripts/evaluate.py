@@ -16,7 +16,8 @@ import sys
 # The checkout replaces scripts/ on the path: otherwise this very file would shadow the `evaluate` package.
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from pipelines.evaluation import evaluate_main  # noqa: E402
+from pipelines.cli import evaluate_main  # noqa: E402
+from recipes import RECIPES  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(evaluate_main(sys.argv[1:]))
+    sys.exit(evaluate_main(sys.argv[1:], RECIPES))

@@ -24,6 +24,7 @@ import sys
 
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout, not scripts/ (evaluate.py there would shadow the package)
 
+import recipes  # noqa: E402,F401  (registers the recipes: a run's card is rendered again for its target)
 from pipelines.errors import UserError  # noqa: E402
 
 

@@ -10,6 +10,7 @@ import sys
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout, not scripts/ (evaluate.py there would shadow the package)
 
 from pipelines.cli import main  # noqa: E402
+from recipes import RECIPES  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:], RECIPES))

@@ -13,6 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/tiny_models.py, tests/hub_server.py
 
 REPO = Path(__file__).resolve().parents[1]
+import recipes  # noqa: E402,F401  (registers the recipes, as the entry points do, for tests that call pipelines.cli directly)
 SHARED = REPO.parent / "shared"
 DATA = SHARED / "data"
 

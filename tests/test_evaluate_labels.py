@@ -20,7 +20,7 @@ import pytest
 from conftest import DATA, read_jsonl, run_script, write_jsonl
 from tiny_models import make_tiny_model
 
-from pipelines.evaluation import evaluate_main
+from pipelines.cli import evaluate_main
 
 NAMES = {0: "negative", 1: "positive"}
 FASHION = DATA / "fashion_mnist"
