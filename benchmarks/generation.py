@@ -1,6 +1,6 @@
 """Evaluation with generation: batched and length-sorted against one example at a time.
 
-`generate_sorted` is what our evaluation does (pipelines/trainer.py `eval_loader` and `evaluate`): read
+`generate_sorted` is what our evaluation does (pipelines/evaluation_loop.py `eval_loader` and `evaluate`): read
 the examples longest first (so a batch holds examples of similar length and pads little), cut into
 batches, generate, and put the outputs back in dataset order. `generate_one_by_one` is the
 reference. Both return, per example, the generated token ids cut at the first end-of-sequence token

@@ -32,16 +32,15 @@ def main(argv) -> int:
     result_path, argv = argv[0], argv[argv.index("--") + 1:]
     from pipelines.cli import quiet_libraries
     from pipelines.config import parse_args
-    from pipelines.data import load_raw_splits
     from recipes import RECIPES
 
     import datasets  # noqa: F401  (imported before the clock starts: the import is start-up, not loading)
 
     quiet_libraries()
     cfg = parse_args(argv, RECIPES)
-    recipe = RECIPES[cfg.recipe]
+    recipe = RECIPES[cfg.recipe].for_run(cfg)
     start = time.perf_counter()
-    splits = getattr(recipe, "load_splits", load_raw_splits)(cfg, getattr(recipe, "folder_builder", None))
+    splits = recipe.load_splits(cfg)
     load_seconds = time.perf_counter() - start
     _, processor = recipe.load(cfg, splits)
     before = arrow_files()

@@ -33,25 +33,7 @@ KNOWN_BASES = {
     "openai/whisper-tiny.en": ("apache-2.0", "en"),
     "google/vit-base-patch16-224-in21k": ("apache-2.0", None),
 }
-TASK_NAMES = {
-    "text-classification": "Text Classification", "token-classification": "Token Classification",
-    "summarization": "Summarization", "automatic-speech-recognition": "Automatic Speech Recognition",
-    "image-classification": "Image Classification", "translation": "Translation",
-}
-# What the how-to snippet passes to the pipeline when a recipe gives no `card_example`.
-EXAMPLE_INPUTS = {
-    "text-classification": "I loved this film: the acting was superb.",
-    "token-classification": "My name is Sarah and I live in London.",
-    "summarization": ("The city council voted on Tuesday to extend the bicycle lane network by forty kilometres "
-                      "over the next three years, citing a sharp rise in cycling since 2020."),
-}
-PLACEHOLDER_INPUTS = {"automatic-speech-recognition": "audio.flac", "image-classification": "image.jpg"}
-# Audio and images cannot be written inline: a run saves one input of its evaluation split beside the
-# model (write_example_input) and the snippet reads that file, so the snippet runs as it is.
-EXAMPLE_FILES = {"automatic-speech-recognition": "example.wav", "image-classification": "example.png"}
-ASR_TAG = "automatic-speech-recognition"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-LABEL_TAGS = ("text-classification", "token-classification", "image-classification")
 # Model-index gets headline metrics, not seqeval's per-entity ones (those stay in eval_report.json).
 PER_ENTITY = re.compile(r"^(?!overall_).+_(precision|recall|f1|number)$")
 
@@ -170,23 +152,22 @@ def _py(value) -> str:
     return repr(value)
 
 
-def usage_snippet(tag: str, model_ref: str, adapter: bool, id2label: dict | None, example=None, *,
-                  example_file: str | None = None, on_hub: bool = False, revision: str | None = None,
-                  clone_url: str | None = None) -> str:
+def usage_snippet(recipe, model_ref: str, adapter: bool, *, example_file: str | None = None, on_hub: bool = False,
+                  revision: str | None = None, clone_url: str | None = None) -> str:
     """Python that loads the model with transformers' pipeline and prints one prediction.
 
-    `model_ref` is a Hub repo id (`on_hub`, at branch `revision`) or a folder path. `example_file` is an
-    input stored with the model (ASR, images): downloaded with hf_hub_download from the Hub, else read
-    from the folder. `clone_url`: the model is in a git repository, cloned (at `revision`) first.
+    `model_ref` is a Hub repo id (`on_hub`, at branch `revision`) or a folder path. `example_file` is the
+    task's input stored with the model (recipe.example_file): downloaded with hf_hub_download from the Hub,
+    else read from the folder; without it the snippet passes recipe.card_example. `clone_url`: the model is
+    in a git repository, cloned (at `revision`) first.
     """
-    if example is None:
-        example = EXAMPLE_INPUTS.get(tag, PLACEHOLDER_INPUTS.get(tag, "..."))
+    tag = recipe.pipeline_tag
     lines = []
     if clone_url:  # the branch always: a bare remote's HEAD may name a branch that does not exist
         lines.append(f"# First: git clone --branch {revision or 'main'} {clone_url} (git-lfs installed), "
                      "then run this beside the clone.")
-    if example_file and tag == ASR_TAG:
-        lines.append("import soundfile")
+    if example_file:
+        lines += recipe.card_file_imports
     if example_file and on_hub:
         lines.append("from huggingface_hub import hf_hub_download")
     lines += ["from transformers import pipeline", ""]
@@ -203,16 +184,9 @@ def usage_snippet(tag: str, model_ref: str, adapter: bool, id2label: dict | None
                          "  # an input from the evaluation data")
         else:
             lines.append(f"example = {_py(model_ref.rstrip('/') + '/' + example_file)}  # an input from the evaluation data")
-        if tag == ASR_TAG:  # decoded here: the pipeline would need ffmpeg to read a file itself
-            lines.append('audio, rate = soundfile.read(example, dtype="float32")  # mono, at the model\'s sampling rate')
-            lines.append('print(pipe({"raw": audio, "sampling_rate": rate}))')
-        else:
-            lines.append("print(pipe(example))")
-        return "\n".join(lines)
-    comment = ""
-    if tag in PLACEHOLDER_INPUTS and example == PLACEHOLDER_INPUTS[tag]:
-        comment = f"  # a path or URL of your own {'audio file' if 'speech' in tag else 'image'}"
-    lines.append(f"print(pipe({_py(example)})){comment}")
+        return "\n".join(lines + list(recipe.card_file_lines))
+    note = f"  # {recipe.card_example_note}" if recipe.card_example_note else ""
+    lines.append(f"print(pipe({_py(recipe.card_example)})){note}")
     return "\n".join(lines)
 
 
@@ -275,7 +249,7 @@ def build_card(cfg, recipe, summary: dict, report: dict, out_dir, *, id2label: d
                if isinstance(v, (int, float)) and k != "loss" and not PER_ENTITY.match(k)}
     interval = report.get("confidence_interval")
     eval_results = [
-        EvalResult(task_type=tag, task_name=TASK_NAMES.get(tag, tag), dataset_type=data["id"] or "local",
+        EvalResult(task_type=tag, task_name=recipe.card_task_name or tag, dataset_type=data["id"] or "local",
                    dataset_name=data["name"], dataset_config=cfg.dataset_config if data["id"] else None,
                    dataset_split=split, metric_type=name, metric_name=name, metric_value=value)
         for name, value in metrics.items()
@@ -290,8 +264,7 @@ def build_card(cfg, recipe, summary: dict, report: dict, out_dir, *, id2label: d
     )
     snap = _run_snapshot(out) or snapshot(cfg)  # the versions the run trained with, also when published later
     trainable, total = summary.get("trainable_params"), summary.get("total_params")
-    example_file = EXAMPLE_FILES.get(tag)
-    example_file = example_file if example_file and (out / example_file).is_file() else None
+    example_file = recipe.example_file if recipe.example_file and (out / recipe.example_file).is_file() else None
     labels = _labels(id2label)
     adapter_base = (adapter or {}).get("base_model_name_or_path")
     results = [(name, value, f"[{interval['low']:.4f}, {interval['high']:.4f}]"
@@ -301,8 +274,9 @@ def build_card(cfg, recipe, summary: dict, report: dict, out_dir, *, id2label: d
         template_path=str(TEMPLATE),
         title=model_name,
         recipe=recipe.name,
-        task_name=TASK_NAMES.get(tag, tag),
+        task_name=recipe.card_task_name or tag,
         tag=tag,
+        task_limitations=recipe.card_limitations,
         base_text=base["text"],
         base_is_local=base["id"] is None,
         data_text=data["text"],
@@ -321,7 +295,7 @@ def build_card(cfg, recipe, summary: dict, report: dict, out_dir, *, id2label: d
         train_examples=f"{summary.get('train_examples', 0):,}",
         split=split,
         eval_samples=f"{report['samples']:,}",
-        labels=list(labels.values()) if labels and tag in LABEL_TAGS and len(labels) <= 50 else None,
+        labels=list(labels.values()) if labels and recipe.labelled and len(labels) <= 50 else None,
         num_labels=len(labels) if labels else None,
         hyperparameters=hyperparameters(cfg, summary, num_processes, adapter),
         results=results,
@@ -329,8 +303,7 @@ def build_card(cfg, recipe, summary: dict, report: dict, out_dir, *, id2label: d
         interval=interval,
         normalization=report.get("normalization"),
         plots=report.get("plots", {}),
-        usage=usage_snippet(tag, model_ref, is_adapter, labels if tag in LABEL_TAGS else None,
-                            getattr(recipe, "card_example", None), example_file=example_file, on_hub=bool(repo_id),
+        usage=usage_snippet(recipe, model_ref, is_adapter, example_file=example_file, on_hub=bool(repo_id),
                             revision=revision, clone_url=None if repo_id else clone_url),
         max_length=cfg.max_length,
         versions=[(k, v) for k, v in snap["versions"].items() if v] + [("python", snap["python"])],
@@ -355,7 +328,7 @@ def card_for(folder, *, repo_id: str | None = None, revision: str | None = None,
     run of this project, or its README.md is a card of the user's own (not tagged finetune-pipelines):
     those are published as they are."""
     from pipelines.config import FIELDS, RunConfig
-    from pipelines.recipe import registered
+    from pipelines.registry import registered
 
     RECIPES = registered()
 
@@ -383,45 +356,30 @@ def card_for(folder, *, repo_id: str | None = None, revision: str | None = None,
 
 
 def write_example_input(out_dir, recipe, raw_split, processor) -> str | None:
-    """Save one input of the evaluation split beside the model for the card's snippet: example.wav (mono,
-    at the model's sampling rate, 16-bit PCM) for ASR, example.png for images; the file name, or None for
-    other tasks or when no example decodes. A stale example of an earlier run is removed first."""
-    name = EXAMPLE_FILES.get(recipe.pipeline_tag)
-    if name is None:
-        return None
+    """Save the task's example input for the card's snippet (recipe.write_example_input): its file name, or None."""
+    return recipe.write_example_input(out_dir, raw_split, processor)
+
+
+def save_example_input(out_dir, name: str, raw_split, column: str, save) -> str | None:
+    """Save one input of `raw_split[column]` as out_dir/name for the card's snippet, with `save(value, path)`,
+    which writes the file or raises (e.g. on an unreadable or empty clip): the first of the first 50 inputs
+    that saves. Returns `name`, or None when none does. A stale example of an earlier run is removed first."""
     import datasets
 
     path = Path(out_dir) / name
     path.unlink(missing_ok=True)
     if raw_split is None or not len(raw_split):
         return None
-    asr = recipe.pipeline_tag == ASR_TAG
-    column = recipe.audio_column if asr else recipe.image_column
     feature = raw_split.features.get(column)
     rows = raw_split.select_columns([column])
     # Undecoded values ({bytes, path}): datasets would decode audio with torchcodec, absent here.
-    if isinstance(feature, datasets.Audio):
-        rows = rows.cast_column(column, datasets.Audio(decode=False))
-    elif isinstance(feature, datasets.Image):
-        rows = rows.cast_column(column, datasets.Image(decode=False))
+    if isinstance(feature, (datasets.Audio, datasets.Image)):
+        rows = rows.cast_column(column, type(feature)(decode=False))
     tmp = path.with_name(name + ".tmp")  # the trainer's FINAL_PATTERNS style; never published
     for i in range(min(len(rows), 50)):  # the first that decodes: bad files are skipped by training too
         value = rows[i][column]
         try:
-            if asr:
-                import soundfile
-
-                from pipelines.media import read_audio
-
-                rate = processor.feature_extractor.sampling_rate
-                samples = read_audio(value, rate)
-                if not len(samples):
-                    continue
-                soundfile.write(tmp, samples, rate, format="WAV", subtype="PCM_16")
-            else:
-                from pipelines.media import open_image
-
-                open_image(value).save(tmp, format="PNG")
+            save(value, tmp)
         except Exception:  # noqa: BLE001 - an unreadable file: try the next one
             tmp.unlink(missing_ok=True)
             continue

@@ -106,3 +106,24 @@ def prune(out: Path, keep_last: int, keep: str | None = None) -> None:
             shutil.rmtree(path, ignore_errors=True)
     for path in folder.glob(".tmp-*"):
         shutil.rmtree(path, ignore_errors=True)
+
+
+def save_and_prune(accelerator, out: Path, state: dict, run: dict, keep_last: int) -> None:
+    """A checkpoint of the run's progress (every process), then the older ones pruned (main process), keeping
+    the best (state["best_checkpoint"])."""
+    save(accelerator, out, state, run=run)
+    if accelerator.is_main_process:
+        prune(out, keep_last, keep=state["best_checkpoint"])
+    accelerator.wait_for_everyone()
+
+
+def resume(accelerator, out: Path) -> dict | None:
+    """--resume: the latest complete checkpoint in `out` loaded (model, optimizer, scheduler, RNG states), and the
+    progress it recorded; None, said, when there is none."""
+    folder = latest(out)
+    if folder is None:
+        accelerator.print(f"--resume: no complete checkpoint in {Path(out) / 'checkpoints'}; starting from scratch")
+        return None
+    state = load(accelerator, folder)
+    accelerator.print(f"resumed from {folder} (step {state['global_step']}, epoch {state['epoch']})")
+    return state

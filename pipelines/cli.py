@@ -1,7 +1,7 @@
-"""The entry points: scripts/run.py (`main`) and scripts/evaluate.py (`evaluate_main`) parse options, run, and turn
-user errors and failed writes into one line and exit 2. Nothing in pipelines/ imports this module; the recipe
-table comes from the caller (the scripts pass recipes.RECIPES) or else from the registry that importing
-`recipes` fills."""
+"""The entry points: scripts/run.py (`main`) and scripts/evaluate_model.py (`evaluate_main`) parse options, run, and
+turn user errors and failed writes into one line and exit 2 (`run_entry_point`, which scripts/publish.py uses too).
+Nothing in pipelines/ imports this module; the recipe table comes from the caller (the scripts pass
+recipes.RECIPES) or else from the registry that importing `recipes` fills."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from pipelines.context import is_main_process
 from pipelines.errors import UserError
 from pipelines.files import write_failure
-from pipelines.recipe import registered
+from pipelines.registry import registered
 
 
 def quiet_libraries() -> None:
@@ -37,29 +37,40 @@ def main(argv=None, recipes: dict | None = None) -> int:
 
     quiet_libraries()
     cfg = None
-    try:
+
+    def run() -> int:
+        nonlocal cfg
         cfg = parse_args(argv if argv is not None else sys.argv[1:], RECIPES)
         from pipelines.trainer import train
 
         summary = train(cfg, RECIPES[cfg.recipe])
+        if is_main_process():
+            print(done_line(cfg, RECIPES[cfg.recipe], summary))
+        return 0
+
+    return run_entry_point(run, lambda: cfg.output_dir if cfg else None,
+                           interrupted="interrupted: the last complete checkpoint is intact; continue with --resume")
+
+
+def run_entry_point(run, output_dir=lambda: None, interrupted: str = "interrupted") -> int:
+    """`run()` (which returns the exit status) with the error handling every entry point shares: a UserError, or a
+    failed write (named with the folder `output_dir()`, when known), is one line `error: ...` and exit 2; Ctrl-C
+    prints `interrupted` and exits 130. Anything else keeps its traceback: a bug."""
+    try:
+        return run()
     except UserError as e:
-        _close_progress_bars()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        message = str(e)
     except OSError as e:
-        message = write_failure(e, cfg.output_dir if cfg else None)
+        message = write_failure(e, output_dir())
         if message is None:  # not a failed write (a bug, or a read the code does not expect to fail): the traceback helps
             raise
-        _close_progress_bars()
-        print(f"error: {message}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         _close_progress_bars()
-        print("interrupted: the last complete checkpoint is intact; continue with --resume", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         return 130
-    if is_main_process():
-        print(done_line(cfg, RECIPES[cfg.recipe], summary))
-    return 0
+    _close_progress_bars()
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 def done_line(cfg, recipe, summary: dict) -> str:
@@ -96,7 +107,7 @@ def _close_progress_bars() -> None:
 
 
 def evaluate_main(argv, recipes: dict | None = None) -> int:
-    """scripts/evaluate.py: the options of scripts/run.py plus --split; one-line errors (exit 2)."""
+    """scripts/evaluate_model.py: the options of scripts/run.py plus --split; one-line errors (exit 2)."""
     import argparse
     import sys
 
@@ -106,7 +117,7 @@ def evaluate_main(argv, recipes: dict | None = None) -> int:
     RECIPES = recipes if recipes is not None else registered()
 
     pre = argparse.ArgumentParser(
-        prog="evaluate.py", add_help=False, allow_abbrev=False,
+        prog="evaluate_model.py", add_help=False, allow_abbrev=False,
         description="Evaluate a model (output folder, adapter folder or Hub id) on a dataset split with a "
                     "recipe's metrics; writes eval_report.json/.md and plots into --output-dir. Takes every "
                     "option of scripts/run.py (see its --help): use the run's data options (--dataset, "
@@ -115,11 +126,13 @@ def evaluate_main(argv, recipes: dict | None = None) -> int:
     pre.add_argument("-h", "--help", action="store_true")
     known, rest = pre.parse_known_args(argv)
     if known.help:  # --split, then every option of scripts/run.py with the named recipe's defaults
-        print(format_help(rest, RECIPES, "evaluate.py", head=pre))
+        print(format_help(rest, RECIPES, "evaluate_model.py", head=pre))
         return 0
     quiet_libraries()
     cfg = None
-    try:
+
+    def run() -> int:
+        nonlocal cfg
         cfg = parse_args(rest, RECIPES)
         given = any(a == "--output-dir" or a.startswith("--output-dir=") for a in rest)
         if not given and cfg.output_dir == os.path.join("outputs", cfg.recipe):  # parse_args' default: a run's folder
@@ -129,22 +142,12 @@ def evaluate_main(argv, recipes: dict | None = None) -> int:
         evaluator = Evaluator(cfg, RECIPES[cfg.recipe], known.split)
         evaluator.setup()
         report = evaluator.run()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a report that cannot be written (full disk, read-only folder): one line, as for a run
-        message = write_failure(e, cfg.output_dir if cfg else None)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    if evaluator.accelerator.is_main_process:
-        from pipelines.report import headline_metrics
+        if evaluator.accelerator.is_main_process:
+            from pipelines.report import headline_metrics
 
-        values = headline_metrics(report["metrics"], evaluator.recipe.main_metric, report.get("confidence_interval"))
-        print(f"done: {known.split} ({report.get('samples', '?')} examples): {values}; every metric in "
-              f"{os.path.join(cfg.output_dir, 'eval_report.md')}")
-    return 0
+            values = headline_metrics(report["metrics"], evaluator.recipe.main_metric, report.get("confidence_interval"))
+            print(f"done: {known.split} ({report.get('samples', '?')} examples): {values}; every metric in "
+                  f"{os.path.join(cfg.output_dir, 'eval_report.md')}")
+        return 0
+
+    return run_entry_point(run, lambda: cfg.output_dir if cfg else None)

@@ -8,6 +8,9 @@ from __future__ import annotations
 import io
 import os
 
+from pipelines.context import say
+from pipelines.errors import UserError
+
 
 def _source(value, what: str):
     """What to open for an undecoded value: its bytes (as a file object) if it has them, else its path."""
@@ -39,6 +42,24 @@ def read_audio(value, sampling_rate: int):
 
         audio = soxr.resample(audio, rate, sampling_rate, quality="HQ")
     return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def problem_text(error: Exception) -> str:
+    """What a task records for a file that does not decode: "unreadable: " and the error's first line."""
+    return "unreadable: " + ((str(error).strip().splitlines() or [type(error).__name__])[0])[:200]
+
+
+def readable_rows(task: str, split: str, problems: list, names: list, what: str, state: str = "unreadable") -> list:
+    """The indices of the rows without a problem. Each other row is reported by name, one line each (from the
+    cached columns, so a cached run reports them too); a split where every row has one is an error, e.g.
+    "every image of the train split is unreadable" (`what` "image", `state` "unreadable")."""
+    bad = [i for i, p in enumerate(problems) if p]
+    for i in bad:
+        say(f"{task}: {split}: skipping {names[i]}: {problems[i]}")
+    if bad and len(bad) == len(problems):
+        raise UserError(f"every {what} of the {split} split is {state} ({len(bad)} files; the first: "
+                        f"{names[bad[0]]}: {problems[bad[0]]})")
+    return [i for i, p in enumerate(problems) if not p]
 
 
 def audio_name(value, index: int) -> str:

@@ -121,7 +121,7 @@ def load_pretrained(auto_class, name: str, cfg, **kwargs):
         if "custom code" in str(e) or "trust_remote_code" in str(e):
             raise _load_error(name, source, e) from None
         if "Unrecognized configuration class" in text or "Unrecognized model" in text:
-            takes = RECIPE_MODELS.get(cfg.recipe, ((), "other models"))[1]
+            takes = models_taken(cfg.recipe)[1]
             raise _wrong_kind(name, source, cfg.recipe) or UserError(
                 f"model {name} ({_model_type(source)}) cannot be used for recipe '{cfg.recipe}': "
                 f"{auto_class.__name__} does not support it; this recipe takes {takes}") from None
@@ -140,14 +140,12 @@ def load_processor(auto_class, name: str, cfg, **kwargs):
         raise wrong_kind or _load_error(name, source, e, what="processor/tokenizer") from None
 
 
-# What each recipe's models read, and which kinds of model (model_kind) it takes.
-RECIPE_MODELS = {
-    "sentiment": (("text", "encoder-decoder text"), "text models (bert, roberta, distilbert, ...)"),
-    "ner": (("text", "encoder-decoder text"), "text models with a fast tokenizer (bert, roberta, ...)"),
-    "summarization": (("encoder-decoder text",), "encoder-decoder text models (t5, bart, ...)"),
-    "asr": (("speech",), "speech models: CTC (wav2vec2, hubert, wavlm, ...) or whisper"),
-    "image-classification": (("image", "image-text"), "image models (vit, convnext, resnet, ...)"),
-}
+def models_taken(recipe: str) -> tuple[tuple, str]:
+    """(the kinds of model the task takes, how a message says so): the task's `model_kinds` and `models_taken`."""
+    from pipelines.registry import task_named
+
+    task = task_named(recipe)
+    return (task.model_kinds, task.models_taken) if task is not None else ((), "other models")
 
 
 def model_kind(model_type: str | None) -> str | None:
@@ -170,7 +168,7 @@ def model_kind(model_type: str | None) -> str | None:
 def _wrong_kind(name: str, source: str, recipe: str) -> UserError | None:
     """The error for a local model of a kind the recipe does not take (an image model for a text recipe); None
     when its kind fits or is unknown (a Hub id, custom code)."""
-    kinds, takes = RECIPE_MODELS.get(recipe, ((), "other models"))
+    kinds, takes = models_taken(recipe)
     kind = model_kind(_model_type(source).removeprefix("model_type ")) if os.path.isdir(source) else None
     if kind is None or kind in kinds:
         return None

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from pipelines.config import check_git_remote
 from pipelines.errors import UserError
+from pipelines.output_folder import FINISHED_MARKER  # imports no torch: a refusal is said at once
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +38,14 @@ MODEL_FILES = [
     "*merges.txt", "*.model", "*.spm", "*.tiktoken", "*chat_template.jinja", "*chat_template.json",
     "*normalizer.json",  # Whisper's English spelling map (tokenizer file)
     "README.md", "*eval_report.json", "*eval_report.md", "*.png",
-    "example.wav",  # the input the card's how-to snippet runs on (pipelines/cards.py EXAMPLE_FILES)
+    "example.wav",  # the input the card's how-to snippet runs on (a task's example_file; example.png is a *.png)
 ]
 TRAINING_STATE = [
     "checkpoints/*", "*/checkpoints/*", "checkpoint-*", "*/checkpoint-*", "runs/*", "*tfevents*",
     "*optimizer*", "*scheduler.bin", "*scheduler.pt", "*random_states*", "*rng_state*", "*training_args.bin",
 ]
 # Partial writes (.tmp*) and caches are never useful to anyone downloading the model.
-# ... and the bookkeeping of a run in progress (pipelines/trainer.py INTERNAL): a staged run, the swap, the lock.
+# ... and the bookkeeping of a run in progress (pipelines/output_folder.py INTERNAL): a staged run, the swap, the lock.
 ALWAYS_IGNORED = [".tmp*", "*/.tmp*", ".git/*", "*/.git/*", ".cache/*", "*/.cache/*", ".next-run/*", ".old-final/*",
                   ".swap.json*", ".run.lock*"]
 PICKLE_WEIGHTS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle"]
@@ -57,9 +58,6 @@ GIT_LFS_PATTERNS = [
     "*.wav", "*.flac", "*.mp3", "*.ogg",
 ]
 HUB_GIT_HOSTS = ("huggingface.co", "hf.co")  # git remotes that are Hub repositories
-# pipelines/trainer.py FINISHED_MARKER (written last by a run), named here: importing the trainer imports torch,
-# 3-4 s before a refusal could be said.
-FINISHED_MARKER = "run_summary.json"
 
 
 def _patterns(include_checkpoints: bool) -> tuple[list[str], list[str]]:
@@ -100,7 +98,7 @@ def check_finished_run(folder, allow_unfinished: bool = False) -> None:
     """Refuse, before any request, a folder that is not a finished run's output folder.
 
     A finished run holds run_summary.json (the trainer writes it last). A checkpoint (trainer state for
-    --resume, not a loadable model) and a report folder of scripts/evaluate.py (no model at all) are
+    --resume, not a loadable model) and a report folder of scripts/evaluate_model.py (no model at all) are
     always refused; another unfinished folder (a killed run) only unless `allow_unfinished`, and then
     only if it holds model weights.
     """
@@ -125,7 +123,7 @@ def check_finished_run(folder, allow_unfinished: bool = False) -> None:
                         f"loadable model) and has no {FINISHED_MARKER}; {todo}")
     if (root / "eval_report.json").is_file() and not has_weights:
         raise UserError(f"refusing to publish {root}: it is an evaluation report folder (eval_report.json and plots "
-                        "from scripts/evaluate.py), not a model; publish the output folder of the run that trained "
+                        "from scripts/evaluate_model.py), not a model; publish the output folder of the run that trained "
                         "the model")
     if not allow_unfinished:
         lacks = FINISHED_MARKER + ("" if has_weights else " and no model weights (*.safetensors)")

@@ -1,19 +1,20 @@
 """Evaluation reports: eval_report.json (for machines), eval_report.md (for people) and PNG plots.
 
 `write_report` is called at the end of every training run (on the final split) and by
-`scripts/evaluate.py`. What it needs from a recipe (see pipelines/recipe.py):
+`scripts/evaluate_model.py`. What it needs from a recipe (see pipelines/recipe.py):
 
 - `main_metric` and `compute_metrics`, as for training;
-- `bootstrap_statistic(gathered, cfg)`: a function of resampled example indices giving the main metric,
-  used for the 95% bootstrap confidence interval (default: `compute_metrics` on the resampled lists);
-- `example_rows(gathered, raw_split, processor)`: input / reference / prediction / error per example,
-  for the "worst examples" table (and the WER-by-length plot of ASR);
-- optionally `normalization`: a sentence saying how text was normalised before scoring (ASR).
+- `bootstrap_statistic(gathered, cfg, split)`: a function of resampled example indices giving the main
+  metric, used for the 95% bootstrap confidence interval (default: `compute_metrics` on the resampled lists);
+- `example_rows(gathered, raw_split, processor, split)`: input / reference / prediction / error per example,
+  for the "worst examples" table;
+- `report_plots(metrics, gathered, rows)`: the task's own plots, made with the functions here (a confusion
+  matrix for classification, per-entity F1 for NER, WER per utterance length for ASR);
+- `normalization`: a sentence saying how text was normalised before scoring (ASR), or None.
 
-Plots: learning curves from metrics.jsonl (train and validation loss, and the main metric, over steps);
-a confusion matrix for classification; per-entity F1 for NER (metrics named `<TYPE>_f1`); WER per
-utterance length for ASR (bucketed by the reference's word count). matplotlib is imported only when a
-plot is drawn, and through `matplotlib.figure.Figure`, so no GUI backend is ever involved.
+Every report has the learning curves from metrics.jsonl (train and validation loss, and the main metric,
+over steps). matplotlib is imported only when a plot is drawn, and through `matplotlib.figure.Figure`, so
+no GUI backend is ever involved.
 """
 
 from __future__ import annotations
@@ -23,19 +24,20 @@ import math
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-CONFIDENCE = 0.95
+from pipelines.bootstrap import headline_interval
+
 WORST_EXAMPLES = 10
-CLASSIFICATION_TAGS = ("text-classification", "image-classification")
-ASR_TAG = "automatic-speech-recognition"
 # Per-entity metrics of seqeval (PER_f1, LOC_f1, ...), not the overall ones.
 ENTITY_F1 = re.compile(r"^(?!overall_)(.+)_f1$")
 # Upper bounds of the utterance-length buckets (reference words) for ASR's WER plot.
 LENGTH_BUCKETS = (5, 10, 20, 40)
 
 
-# ------------------------------------------------------------------------------------------------ bootstrap
+# ------------------------------------------------------------------------------------------------ console lines
 # The overall metrics printed beside a main metric (when present); every other one is in the report.
 COMPANIONS = {"accuracy": ("f1", "loss"), "f1": ("accuracy", "loss"), "wer": ("cer", "loss"), "cer": ("wer", "loss"),
               "overall_f1": ("overall_precision", "overall_recall"), "rougeL": ("rouge1", "rouge2")}
@@ -55,68 +57,6 @@ def headline_metrics(metrics: dict, main_metric: str, interval: dict | None = No
     parts += [f"{name} {metrics[name]:.4f}" for name in COMPANIONS.get(main_metric, ("loss",))
               if isinstance(metrics.get(name), (int, float)) and name != main_metric][:2]
     return ", ".join(parts) or "no metrics"
-
-
-def bootstrap_ci(statistic, n: int, resamples: int = 1000, seed: int = 0, confidence: float = CONFIDENCE):
-    """Percentile bootstrap interval of `statistic(indices)` over `resamples` draws of n indices with
-    replacement from numpy's default_rng(seed). Returns (low, high), or None with fewer than 2 examples
-    or no resamples."""
-    import numpy as np
-
-    if resamples <= 0 or n < 2:
-        return None
-    rng = np.random.default_rng(seed)
-    values = np.empty(resamples, dtype=np.float64)
-    for b in range(resamples):
-        values[b] = statistic(rng.integers(0, n, size=n))
-    tail = (1.0 - confidence) / 2.0
-    low, high = np.percentile(values, [100.0 * tail, 100.0 * (1.0 - tail)])
-    return float(low), float(high)
-
-
-def headline_interval(recipe, gathered: dict, cfg, metrics: dict) -> dict | None:
-    """The bootstrap CI of the recipe's main metric, with how it was made."""
-    import numpy as np
-
-    name = recipe.main_metric
-    resamples = getattr(cfg, "bootstrap_samples", 1000)
-    n = len(gathered.get("references", ()))
-    if name not in metrics or not resamples or n < 2:
-        return None
-    statistic = recipe.bootstrap_statistic(gathered, cfg)
-    # The statistic on all examples must be the reported value, or the interval describes another number.
-    full = statistic(np.arange(n))
-    if not math.isclose(full, metrics[name], rel_tol=1e-6, abs_tol=1e-9):
-        print(f"warning: {recipe.name}.bootstrap_statistic gives {name} {full:.6g} on all examples but the "
-              f"evaluation reported {metrics[name]:.6g}; the interval may not match the reported value", file=sys.stderr)
-    interval = bootstrap_ci(_timed(statistic, resamples, recipe.name), n, resamples, cfg.seed)
-    if interval is None:
-        return None
-    return {"metric": name, "estimate": metrics[name], "low": interval[0], "high": interval[1],
-            "confidence": CONFIDENCE, "resamples": resamples, "seed": cfg.seed,
-            "method": "percentile bootstrap over examples"}
-
-
-def _timed(statistic, resamples: int, recipe_name: str, budget_s: float = 120.0):
-    """`statistic`, with one warning when the first resamples say the whole bootstrap will be slow."""
-    import time
-
-    state = {"calls": 0, "started": None}
-
-    def timed(indices):
-        if state["started"] is None:
-            state["started"] = time.perf_counter()
-        value = statistic(indices)
-        state["calls"] += 1
-        if state["calls"] == 10:
-            projected = (time.perf_counter() - state["started"]) / 10 * resamples
-            if projected > budget_s:
-                print(f"warning: the bootstrap interval will take about {projected:.0f} s ({resamples} resamples); "
-                      f"lower --bootstrap-samples, or give the {recipe_name} recipe a cheaper bootstrap_statistic",
-                      file=sys.stderr)
-        return value
-
-    return timed
 
 
 # ------------------------------------------------------------------------------------------------ worst examples
@@ -142,6 +82,38 @@ def _plain(value):
 
 
 # ------------------------------------------------------------------------------------------------ plots
+@dataclass
+class Plot:
+    """A plot of the report: `draw(path)` draws `name`.png at `path` and returns whether it drew; with
+    `keep_result`, what it returns (a table) is also stored in eval_report.json under `name`."""
+
+    name: str  # the file name without .png, and the plot's key in the report
+    what: str  # how a warning names it when drawing fails, e.g. "confusion matrix plot"
+    draw: Callable
+    keep_result: bool = False
+
+
+def confusion_matrix_plot(gathered: dict, labels) -> Plot:
+    """Single-label classification: true vs predicted label counts (`labels`: names in id order, or None)."""
+    def draw(path: Path) -> bool:
+        return bool(len(gathered.get("predictions", ()))) and plot_confusion_matrix(
+            gathered["references"], gathered["predictions"], labels, path)
+
+    return Plot("confusion_matrix", "confusion matrix plot", draw)
+
+
+def entity_f1_plot(metrics: dict) -> Plot:
+    """Token classification: F1 per entity type (seqeval's `<TYPE>_f1` metrics)."""
+    return Plot("entity_f1", "entity F1 plot", lambda path: plot_entity_f1(metrics, path))
+
+
+def wer_by_length_plot(rows: list[dict] | None) -> Plot:
+    """Speech recognition: WER per utterance length, from the example rows (their references' word counts);
+    the table is kept in the report too."""
+    return Plot("wer_by_length", "WER by length plot", lambda path: rows and plot_wer_by_length(rows, path),
+                keep_result=True)
+
+
 def _save(fig, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -316,7 +288,6 @@ def write_report(out_dir, cfg, recipe, split: str, metrics: dict, gathered: dict
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tag = getattr(recipe, "pipeline_tag", "")
     warnings: list[str] = []
 
     def attempt(what: str, action):
@@ -330,23 +301,18 @@ def write_report(out_dir, cfg, recipe, split: str, metrics: dict, gathered: dict
             warnings.append(message)
             return None
 
-    interval = attempt(f"{recipe.name} bootstrap interval", lambda: headline_interval(recipe, gathered, cfg, metrics))
-    rows = attempt(f"{recipe.name}.example_rows", lambda: recipe.example_rows(gathered, raw_split, processor))
+    interval = attempt(f"{recipe.name} bootstrap interval", lambda: headline_interval(recipe, gathered, cfg, metrics, split))
+    rows = attempt(f"{recipe.name}.example_rows", lambda: recipe.example_rows(gathered, raw_split, processor, split))
     plots, extra = {}, {}
-    if attempt("learning curves plot", lambda: plot_learning_curves(log_path, recipe.main_metric, out / "learning_curves.png")):
-        plots["learning_curves"] = "learning_curves.png"
-    if tag in CLASSIFICATION_TAGS and len(gathered.get("predictions", ())):
-        labels = getattr(recipe, "labels", None)
-        if attempt("confusion matrix plot", lambda: plot_confusion_matrix(
-                gathered["references"], gathered["predictions"], labels, out / "confusion_matrix.png")):
-            plots["confusion_matrix"] = "confusion_matrix.png"
-    if attempt("entity F1 plot", lambda: plot_entity_f1(metrics, out / "entity_f1.png")):
-        plots["entity_f1"] = "entity_f1.png"
-    if tag == ASR_TAG and rows:
-        table = attempt("WER by length plot", lambda: plot_wer_by_length(rows, out / "wer_by_length.png"))
-        if table:
-            plots["wer_by_length"] = "wer_by_length.png"
-            extra["wer_by_length"] = table
+    learning_curves = Plot("learning_curves", "learning curves plot",
+                           lambda path: plot_learning_curves(log_path, recipe.main_metric, path))
+    task_plots = attempt(f"{recipe.name}.report_plots", lambda: recipe.report_plots(metrics, gathered, rows)) or []
+    for plot in (learning_curves, *task_plots):
+        drawn = attempt(plot.what, lambda: plot.draw(out / f"{plot.name}.png"))
+        if drawn:
+            plots[plot.name] = f"{plot.name}.png"
+            if plot.keep_result:
+                extra[plot.name] = drawn
 
     report = {
         "recipe": recipe.name,
@@ -358,7 +324,7 @@ def write_report(out_dir, cfg, recipe, split: str, metrics: dict, gathered: dict
         "main_metric": recipe.main_metric,
         "metrics": {k: _plain(v) for k, v in metrics.items() if k != "samples"},
         "confidence_interval": interval,
-        "normalization": getattr(recipe, "normalization", None),
+        "normalization": recipe.normalization,
         "config_hash": config_hash(cfg),
         "worst_examples_by": ("per-example loss" if "example_loss" in gathered else "per-example error") if rows else None,
         "worst_examples": worst_examples(rows) if rows else [],

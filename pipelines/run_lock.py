@@ -6,7 +6,7 @@ line naming that owner. A lock left by a run that died without releasing it (kil
 when its pid is gone on this host (or now belongs to a later process): it is taken over, with a note. A lock from
 another host cannot be checked from here and counts as held.
 
-Under `accelerate launch`, only the main process takes the lock (`claim` in pipelines/trainer.py broadcasts the
+Under `accelerate launch`, only the main process takes the lock (`OutputFolder.claim` in pipelines/output_folder.py broadcasts the
 outcome so the other processes fail too instead of waiting for it).
 """
 

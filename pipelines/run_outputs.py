@@ -1,36 +1,34 @@
 """What a finished run writes besides the model (reports, plots, the card's example input, the card) and
-its publishing at the end of a run. Called by the trainer's end-of-run swap; imports the report, card and
-publishing modules, which import nothing of the trainer."""
+its publishing at the end of a run. Called by the end-of-run swap (pipelines/output_folder.py) with what the
+trainer hands it; imports the report, card and publishing modules, which import nothing of the trainer."""
 
 from __future__ import annotations
 
 from pipelines.errors import UserError
 
 
-def write_run_outputs(trainer, summary: dict) -> dict:
-    """eval_report.json/.md and plots for the run's final split, the card's example input, then README.md
-    (the model card). Adds to `summary` (written next as run_summary.json) what publishing needs to
-    render the card again for another repository: the labels and the number of processes."""
+def write_run_outputs(out, summary: dict, log_path, *, cfg, task, split: str, gathered: dict, raw_split, processor,
+                      model, num_processes: int) -> dict:
+    """eval_report.json/.md and plots for the run's final split (`gathered`: its per-example outputs; `log_path`:
+    the run's metrics.jsonl, for the learning curves), the card's example input, then README.md (the model card).
+    `model` is the trained model, unwrapped. Adds to `summary` (written next as run_summary.json) what publishing
+    needs to render the card again for another repository: the labels and the number of processes."""
     import sys
 
     from pipelines.cards import write_example_input, write_model_card
     from pipelines.report import write_report
 
-    split, gathered = trainer.final_outputs
-    report = write_report(trainer.out, trainer.cfg, trainer.recipe, split, summary["results"][split], gathered,
-                          trainer.raw_splits[split], trainer.log_path, trainer.processor)
+    report = write_report(out, cfg, task, split, summary["results"][split], gathered, raw_split, log_path, processor)
     try:
-        write_example_input(trainer.out, trainer.recipe, trainer.raw_splits[split], trainer.processor)
+        write_example_input(out, task, raw_split, processor)
     except Exception as e:  # noqa: BLE001 - the model is saved: a missing example must not fail the run
         print(f"warning: no example input for the model card: {type(e).__name__}: {' '.join(str(e).split())[:200]}",
               file=sys.stderr)
-    model = trainer.accelerator.unwrap_model(trainer.model)
     id2label = getattr(getattr(model, "config", None), "id2label", None)  # a peft model gives its base's config
-    summary["num_processes"] = trainer.accelerator.num_processes
+    summary["num_processes"] = num_processes
     if id2label:  # what the card shows, without loading the model again
         summary["id2label"] = {str(i): name for i, name in id2label.items()}
-    write_model_card(trainer.out, trainer.cfg, trainer.recipe, summary, report, id2label=id2label,
-                     num_processes=trainer.accelerator.num_processes)
+    write_model_card(out, cfg, task, summary, report, id2label=id2label, num_processes=num_processes)
     return report
 
 

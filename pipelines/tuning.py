@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from pipelines.errors import UserError
-from pipelines.models import Architecture, architecture, get_module
+from pipelines.models import ARCHITECTURES, Architecture, architecture, get_module
 
 PEFT_PREFIX = re.compile(r"^(base_model\.model\.)")
 
@@ -182,7 +182,9 @@ def no_weight_decay(name: str, param) -> bool:
 def plan_tuning(model, cfg, peft_task_type: str | None = None) -> TuningPlan:
     """Apply the chosen strategy to `model` (before accelerator.prepare) and build optimizer groups."""
     needs_layers = cfg.tuning != "full" or cfg.layer_lr_decay != 1.0 or cfg.head_learning_rate is not None
-    arch = architecture(model) if needs_layers or model.config.model_type in ("wav2vec2", "hubert") else None
+    # A family with modules that never train (wav2vec2's feature encoder) needs its table under full fine-tuning too.
+    known = ARCHITECTURES.get(getattr(model.config, "model_type", None))
+    arch = architecture(model) if needs_layers or (known is not None and known.always_frozen) else None
     if arch is None:  # full fine-tuning of a family we know nothing about: everything trains at one rate
         depths = {n: 0 for n, _ in model.named_parameters()}
         num_layers = 0

@@ -7,7 +7,7 @@ from recipes.ner import NerRecipe
 from recipes.sentiment import SentimentRecipe
 from recipes.summarization import SummarizationRecipe
 
-from pipelines.recipe import register
+from pipelines.registry import register
 
 RECIPES = {recipe.name: recipe for recipe in (SentimentRecipe(), NerRecipe(), SummarizationRecipe(), AsrRecipe(), ImageClassificationRecipe(),)}
 register(*RECIPES.values())  # for the entry points and publishing, which find recipes by name

@@ -29,8 +29,10 @@ import math
 
 from pipelines.context import say
 from pipelines.errors import UserError
-from pipelines.media import image_name, open_image
-from pipelines.recipe import Recipe, classification_labels, classification_statistic, head_options, resolve_column
+from pipelines.labels import ONE_OF_ITS_LABELS, classification_labels, load_with_head
+from pipelines.media import image_name, open_image, problem_text, readable_rows
+from pipelines.options import TaskOptions, task_option
+from pipelines.recipe import Recipe, classification_statistic, resolve_column
 
 AUGMENTATIONS = ("crop-flip", "none")
 RATIO = (3 / 4, 4 / 3)
@@ -136,6 +138,28 @@ class ImageClassificationRecipe(Recipe):
     main_metric = "accuracy"
     metrics = ("accuracy", "f1")
     peft_task_type = None
+    model_kinds = ("image", "image-text")
+    models_taken = "image models (vit, convnext, resnet, ...)"
+    labelled = True
+    # the model card and the report (pipelines/cards.py, report.py): the snippet runs on an image of the data
+    card_task_name = "Image Classification"
+    card_limitations = (ONE_OF_ITS_LABELS,)
+    card_example = "image.jpg"
+    card_example_note = "a path or URL of your own image"
+    example_file = "example.png"
+
+    def write_example_input(self, out_dir, raw_split, processor):
+        from pipelines.cards import save_example_input
+        from pipelines.media import open_image
+
+        return save_example_input(out_dir, self.example_file, raw_split, self.image_column,
+                                  lambda value, path: open_image(value).save(path, format="PNG"))
+
+    def report_plots(self, metrics, gathered, rows):
+        from pipelines.report import confusion_matrix_plot
+
+        return [confusion_matrix_plot(gathered, self.labels)]
+
     folder_builder = "imagefolder"
     defaults = {
         "model": "google/vit-base-patch16-224-in21k",
@@ -146,10 +170,10 @@ class ImageClassificationRecipe(Recipe):
         "num_epochs": 4,
         "warmup_ratio": 0.1,
     }
-    extra_options = (
-        ("augmentation", "crop-flip", "training augmentation: crop-flip (random resized crop + horizontal flip) or none"),
-        ("crop_scale_min", 0.08, "smallest share of the image area a random crop keeps"),
-    )
+    class Options(TaskOptions):
+        augmentation: str = task_option("crop-flip", "training augmentation: crop-flip (random resized crop + "
+                                                     "horizontal flip) or none")
+        crop_scale_min: float = task_option(0.08, "smallest share of the image area a random crop keeps")
     image_candidates = ("image", "img", "picture")
     label_candidates = ("label", "labels", "category")
 
@@ -161,7 +185,7 @@ class ImageClassificationRecipe(Recipe):
         import torch
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-        from pipelines.models import load_pretrained, load_processor
+        from pipelines.models import load_processor
 
         self.image_column = resolve_column(splits, cfg, "image_column", self.image_candidates)
         self.label_column = resolve_column(splits, cfg, "label_column", self.label_candidates)
@@ -176,11 +200,7 @@ class ImageClassificationRecipe(Recipe):
         if not 0 < self.crop_scale_min <= 1:
             raise UserError(f"--crop-scale-min must be in (0, 1], got {self.crop_scale_min}")
         processor = load_processor(AutoImageProcessor, cfg.model, cfg)
-        model = load_pretrained(
-            AutoModelForImageClassification, cfg.model, cfg,
-            dtype=torch.float32, **head_options(self, self.labels),
-        )
-        return model, processor
+        return load_with_head(self, cfg, AutoModelForImageClassification, processor, dtype=torch.float32)
 
     def preprocess(self, splits, processor, cfg):
         import datasets
@@ -195,7 +215,7 @@ class ImageClassificationRecipe(Recipe):
                 try:
                     open_image(value)
                 except Exception as e:  # PIL raises several types; all mean "cannot decode"
-                    problem = "unreadable: " + ((str(e).strip().splitlines() or [type(e).__name__])[0])[:200]
+                    problem = problem_text(e)
                 out["labels"].append(to_id(raw_label, split))
                 out["augment"].append(augment)
                 out["problem"].append(problem)
@@ -214,16 +234,10 @@ class ImageClassificationRecipe(Recipe):
             ds = ds.map(check, batched=True, batch_size=256, with_indices=True, remove_columns=ds.column_names,
                         features=features, desc=f"checking {split} images",
                         fn_kwargs={"split": split, "augment": split == "train" and not self.evaluating})
-            problems, names = ds["problem"], ds["name"]
-            bad = [i for i, p in enumerate(problems) if p]
-            for i in bad:  # printed from the cached columns, so a cached run reports them too
-                say(f"image-classification: {split}: skipping {names[i]}: {problems[i]}")
-            if bad and len(bad) == len(ds):
-                raise UserError(f"every image of the {split} split is unreadable ({len(bad)} files; the first: "
-                                f"{names[bad[0]]}: {problems[bad[0]]})")
-            if bad:
-                say(f"image-classification: {split}: kept {len(ds) - len(bad)} of {len(ds)} images ({len(bad)} unreadable)")
-                ds = ds.select([i for i, p in enumerate(problems) if not p])
+            keep = readable_rows("image-classification", split, ds["problem"], ds["name"], "image")
+            if len(keep) != len(ds):
+                say(f"image-classification: {split}: kept {len(keep)} of {len(ds)} images ({len(ds) - len(keep)} unreadable)")
+                ds = ds.select(keep)
             self.kept_names[raw_id] = list(ds["name"])
             encoded[split] = ds.remove_columns(["problem", "name"])
         return datasets.DatasetDict(encoded)
@@ -239,7 +253,7 @@ class ImageClassificationRecipe(Recipe):
                 # per example (the trainer's `loss` is the batch mean): ranks the report's worst examples
                 "example_loss": F.cross_entropy(logits, batch["labels"], reduction="none")}
 
-    def compute_metrics(self, gathered, cfg):
+    def compute_metrics(self, gathered, cfg, split=None):
         import numpy as np
 
         from pipelines.metrics import compute
@@ -249,11 +263,11 @@ class ImageClassificationRecipe(Recipe):
                        scores=np.stack(gathered["scores"]))
 
     # -------------------------------------------------------------- evaluation reports (pipelines/report.py)
-    def bootstrap_statistic(self, gathered, cfg):
+    def bootstrap_statistic(self, gathered, cfg, split=None):
         return classification_statistic(gathered, self.main_metric)
 
-    def example_rows(self, gathered, raw_split, processor):
-        rows = super().example_rows(gathered, raw_split, processor)
+    def example_rows(self, gathered, raw_split, processor, split=None):
+        rows = super().example_rows(gathered, raw_split, processor, split)
         names = getattr(self, "kept_names", {}).get(id(raw_split)) if raw_split is not None else None
         if names is not None and len(names) == len(rows):
             for row, name in zip(rows, names):

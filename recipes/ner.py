@@ -2,7 +2,7 @@
 
 Input rows hold a list of words and one BIO tag per word (tag strings, or ints with ClassLabel names
 or --label-names). JSON lines / csv / parquet go through pipelines/data.py; CoNLL column files
-(.conll, or .txt: token first, tag last, blank line between sentences) are read here.
+(.conll, or .txt: token first, tag last, blank line between sentences) through recipes/conll.py.
 
 Words are split into sub-tokens; the first sub-token of each word carries the word's tag and the
 rest get -100 (ignored), unless --label-all-tokens true (then they carry the tag too, with B-X turned
@@ -12,114 +12,16 @@ sub-token), with seqeval on the word-level tag sequences.
 
 from __future__ import annotations
 
-import os
-import re
 import sys
-from pathlib import Path
 
-from pipelines.data import first_null_entry, for_map, require_text
 from pipelines.context import is_main_process
+from pipelines.data import for_map
+from pipelines.data_checks import first_null_entry, require_text, source_row, split_source, warn_truncated
 from pipelines.errors import UserError
-from pipelines.recipe import (Recipe, columns_with_values, head_options, parse_label_map, resolve_column, source_row,
-                              split_source)
-
-CONLL_SUFFIXES = (".conll", ".txt")
-SPLIT_STEMS = {"train": "train", "validation": "validation", "valid": "validation", "dev": "validation", "test": "test"}
-
-
-def flag(value, name: str) -> bool:
-    """A true/false option given as a bool (YAML) or a string (command line)."""
-    if value is None or isinstance(value, bool):
-        return bool(value)
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise UserError(f"option '{name}' expects true or false, got {value!r}")
-
-
-# ------------------------------------------------------------------------------------------ CoNLL files
-
-
-def read_conll(path: str) -> dict:
-    """Columns `tokens` and `ner_tags` from a CoNLL column file (-DOCSTART- lines are skipped)."""
-    rows = {"tokens": [], "ner_tags": []}
-    words, tags = [], []
-
-    def end_sentence():
-        if words:
-            rows["tokens"].append(list(words))
-            rows["ner_tags"].append(list(tags))
-            words.clear()
-            tags.clear()
-
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8-sig")  # -sig: a byte-order mark would otherwise stick to the first token
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise UserError(f"CoNLL file {path} is not UTF-8 text (line {line}); save it as UTF-8") from None
-    # Lines end at \n, \r\n or \r only: str.splitlines() would also break a token at U+2028, U+0085, ...
-    for number, line in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), 1):
-        # Columns are separated by tabs when there are any (a token may hold a space: "New York\tB-LOC"), else by
-        # spaces; not by any Unicode whitespace, which would split a token such as "10\u00a0000".
-        line = line.strip(" \t")
-        parts = [p for p in re.split("\t" if "\t" in line else " +", line) if p.strip()]
-        if not parts or parts[0] == "-DOCSTART-":
-            end_sentence()
-            continue
-        if len(parts) < 2:
-            raise UserError(f"{path} line {number}: expected a token and a tag separated by whitespace, "
-                            f"got {line!r}")
-        words.append(parts[0])
-        tags.append(parts[-1])
-    end_sentence()
-    if not rows["tokens"]:
-        raise UserError(f"CoNLL file {path} holds no sentences")
-    return rows
-
-
-def conll_files(cfg) -> dict | None:
-    """{split: path} when the configured data are CoNLL column files, else None."""
-    explicit = {k: v for k, v in (("train", cfg.train_file), ("validation", cfg.validation_file), ("test", cfg.test_file)) if v}
-    if explicit:
-        conll = [p for p in explicit.values() if Path(p).suffix.lower() in CONLL_SUFFIXES]
-        if not conll:
-            return None
-        if len(conll) != len(explicit):
-            raise UserError("data files mix CoNLL column files (.conll/.txt) with other types; give all splits in one format")
-        return explicit
-    source = cfg.dataset
-    if not source or source.startswith("embedded:"):
-        return None
-    if os.path.isfile(source):
-        return {"train": source} if Path(source).suffix.lower() in CONLL_SUFFIXES else None
-    if os.path.isdir(source):
-        found, other = {}, False
-        for p in sorted(Path(source).iterdir()):
-            stem = p.stem.lower()
-            split = next((s for k, s in SPLIT_STEMS.items() if stem == k or stem.startswith((k + "_", k + "-"))), None)
-            if split and p.suffix.lower() in CONLL_SUFFIXES:
-                found[split] = str(p)
-            elif split and p.suffix.lower() in (".csv", ".tsv", ".json", ".jsonl", ".parquet"):
-                other = True
-        return found if found and not other else None
-    return None
-
-
-def load_conll_splits(cfg, files: dict):
-    import datasets
-
-    from pipelines.data import arrange_splits
-
-    raw = {}
-    for split, path in files.items():
-        if not os.path.isfile(path):
-            raise UserError(f"{split} data file not found: {path}")
-        raw[split] = datasets.Dataset.from_dict(read_conll(path))
-    return arrange_splits(datasets.DatasetDict(raw), cfg)
+from pipelines.labels import columns_with_values, load_with_head, parse_label_map
+from pipelines.options import TaskOptions, task_option
+from pipelines.recipe import Recipe, resolve_column
+from recipes.conll import conll_files, load_conll_splits
 
 
 # ------------------------------------------------------------------------------------------ labels
@@ -302,6 +204,18 @@ class NerRecipe(Recipe):
     main_metric = "overall_f1"
     metrics = ("overall_precision", "overall_recall", "overall_f1", "token_accuracy")
     peft_task_type = "TOKEN_CLS"
+    model_kinds = ("text", "encoder-decoder text")
+    models_taken = "text models with a fast tokenizer (bert, roberta, ...)"
+    labelled = True
+    # the model card and the report (pipelines/cards.py, report.py)
+    card_task_name = "Token Classification"
+    card_example = "My name is Sarah and I live in London."
+
+    def report_plots(self, metrics, gathered, rows):
+        from pipelines.report import entity_f1_plot
+
+        return [entity_f1_plot(metrics)]
+
     defaults = {
         "model": "roberta-base",
         # The canonical "conll2003" (eriktks/conll2003) is a loading script, which datasets >= 4 refuses;
@@ -313,10 +227,10 @@ class NerRecipe(Recipe):
         "num_epochs": 3,
         "warmup_ratio": 0.1,
     }
-    extra_options = (
-        ("label_all_tokens", None, "true: every sub-token of a word carries its tag (B-X becomes I-X after "
-                                   "the first), not only the first; scoring stays one tag per word. Unset means false", bool),
-    )
+    class Options(TaskOptions):
+        label_all_tokens: bool | None = task_option(None, "true: every sub-token of a word carries its tag (B-X "
+                                                    "becomes I-X after the first), not only the first; scoring stays "
+                                                    "one tag per word. Unset means false")
     tokens_candidates = ("tokens", "words")
     tags_candidates = ("ner_tags", "tags", "labels")
 
@@ -325,24 +239,24 @@ class NerRecipe(Recipe):
         types = sorted({str(tag).split("-", 1)[1] for tag in getattr(self, "labels", None) or () if "-" in str(tag)})
         return (*self.metrics, *(f"{kind}_{name}" for kind in types for name in ("precision", "recall", "f1", "number")))
 
-    def load_splits(self, cfg, folder_builder=None):
+    def load_splits(self, cfg):
         """The raw splits: CoNLL column files are parsed here, everything else by pipelines/data.py."""
         from pipelines.data import load_raw_splits
 
         files = conll_files(cfg)
         if files is None:
-            return load_raw_splits(cfg, folder_builder)
+            return load_raw_splits(cfg, self.folder_builder)
         return load_conll_splits(cfg, files)
 
     def load(self, cfg, splits):
         from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-        from pipelines.models import load_pretrained, load_processor
+        from pipelines.models import load_processor
 
         self.tokens_column = resolve_column(splits, cfg, "text_column", self.tokens_candidates)
         self.tags_column = resolve_column(splits, cfg, "label_column", self.tags_candidates)
         self.labels = tag_labels(self, splits, self.tokens_column, self.tags_column, cfg)
-        self.label_all_tokens = flag(cfg.extra.get("label_all_tokens"), "label_all_tokens")
+        self.label_all_tokens = bool(cfg.extra.get("label_all_tokens"))  # typed: True, False or None
 
         tokenizer = load_processor(AutoTokenizer, cfg.model, cfg)
         if needs_prefix_space(tokenizer):
@@ -350,8 +264,7 @@ class NerRecipe(Recipe):
         if not getattr(tokenizer, "is_fast", False):
             raise UserError(f"the tokenizer of {cfg.model} ({type(tokenizer).__name__}) cannot map sub-tokens to words; "
                             "token classification needs a fast (tokenizers-backed) tokenizer")
-        model = load_pretrained(AutoModelForTokenClassification, cfg.model, cfg, **head_options(self, self.labels))
-        return model, tokenizer
+        return load_with_head(self, cfg, AutoModelForTokenClassification, tokenizer)
 
     def preprocess(self, splits, tokenizer, cfg):
         import datasets
@@ -401,14 +314,9 @@ class NerRecipe(Recipe):
                           fn_kwargs={"label_all": self.label_all_tokens and split == "train" and not self.evaluating})
             for split, ds in splits.items()
         })
-        counts = {split: sum(ds["truncated"]) for split, ds in encoded.items()}
-        total = sum(len(ds) for ds in encoded.values())
-        if sum(counts.values()) and is_main_process():
-            detail = ", ".join(f"{split} {n}" for split, n in counts.items() if n)
-            print(f"WARNING: {sum(counts.values())} of {total} sentences were longer than max_length={max_length} "
-                  f"tokens and were truncated ({detail}); their words past the limit are neither trained on nor "
-                  "scored. Raise --max-length to keep them.", file=sys.stderr, flush=True)
-        return encoded.remove_columns("truncated")
+        return warn_truncated(encoded, "WARNING: {count} of {total} sentences were longer than max_length={max_length} "
+                              "tokens and were truncated ({per_split}); their words past the limit are neither trained on "
+                              "nor scored. Raise --max-length to keep them.", max_length=max_length)
 
     def collator(self, tokenizer, cfg):
         from transformers import DataCollatorForTokenClassification
@@ -428,20 +336,20 @@ class NerRecipe(Recipe):
             references.append([names[int(i)] for i in ref[keep]])
         return predictions, references
 
-    def compute_metrics(self, gathered, cfg):
+    def compute_metrics(self, gathered, cfg, split=None):
         from pipelines.metrics import compute
 
         predictions, references = self.word_tags(gathered)
         return compute("seqeval", predictions=predictions, references=references)
 
-    def bootstrap_statistic(self, gathered, cfg):
+    def bootstrap_statistic(self, gathered, cfg, split=None):
         """Overall (micro) entity F1 of a resample from per-sentence counts: entities never cross sentences,
         so seqeval's F1 is 2 * sum(correct) / (sum(predicted) + sum(gold)) over the sentences drawn."""
         import numpy as np
         from seqeval.metrics.sequence_labeling import get_entities
 
         if self.main_metric != "overall_f1":
-            return super().bootstrap_statistic(gathered, cfg)
+            return super().bootstrap_statistic(gathered, cfg, split)
         counts = []
         for pred, ref in zip(*self.word_tags(gathered)):
             predicted, gold = set(get_entities(pred)), set(get_entities(ref))
@@ -454,7 +362,7 @@ class NerRecipe(Recipe):
 
         return statistic
 
-    def example_rows(self, gathered, raw_split, processor):
+    def example_rows(self, gathered, raw_split, processor, split=None):
         """Words, gold and predicted tags; error = share of wrongly tagged words."""
         predictions, references = self.word_tags(gathered)
         sentences = None

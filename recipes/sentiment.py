@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
-from pipelines.context import is_main_process
-from pipelines.data import for_map, null_counts, require_text, warn_null_texts
-from pipelines.recipe import Recipe, classification_labels, classification_statistic, head_options, resolve_column
+from pipelines.data import for_map
+from pipelines.data_checks import null_counts, require_text, warn_null_texts, warn_truncated
+from pipelines.labels import ONE_OF_ITS_LABELS, classification_labels, load_with_head
+from pipelines.recipe import Recipe, classification_statistic, resolve_column
 
 
 class SentimentRecipe(Recipe):
@@ -15,6 +14,19 @@ class SentimentRecipe(Recipe):
     main_metric = "accuracy"
     metrics = ("accuracy", "f1")
     peft_task_type = "SEQ_CLS"
+    model_kinds = ("text", "encoder-decoder text")
+    models_taken = "text models (bert, roberta, distilbert, ...)"
+    labelled = True
+    # the model card and the report (pipelines/cards.py, report.py)
+    card_task_name = "Text Classification"
+    card_limitations = (ONE_OF_ITS_LABELS,)
+    card_example = "I loved this film: the acting was superb."
+
+    def report_plots(self, metrics, gathered, rows):
+        from pipelines.report import confusion_matrix_plot
+
+        return [confusion_matrix_plot(gathered, self.labels)]
+
     defaults = {
         "model": "bert-base-uncased",
         "dataset": "nyu-mll/glue",
@@ -32,7 +44,7 @@ class SentimentRecipe(Recipe):
     def load(self, cfg, splits):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from pipelines.models import load_pretrained, load_processor
+        from pipelines.models import load_processor
 
         self.text_column = resolve_column(splits, cfg, "text_column", self.text_candidates)
         self.label_column = resolve_column(splits, cfg, "label_column", self.label_candidates)
@@ -41,9 +53,7 @@ class SentimentRecipe(Recipe):
             resolve_column(splits, cfg, "text_pair_column", ())
         self.labels, self.to_id = classification_labels(self, splits, self.label_column, cfg,
                                                         binary_names=("negative", "positive"))
-        tokenizer = load_processor(AutoTokenizer, cfg.model, cfg)
-        model = load_pretrained(AutoModelForSequenceClassification, cfg.model, cfg, **head_options(self, self.labels))
-        return model, tokenizer
+        return load_with_head(self, cfg, AutoModelForSequenceClassification, load_processor(AutoTokenizer, cfg.model, cfg))
 
     def preprocess(self, splits, tokenizer, cfg):
         max_length = min(cfg.max_length or tokenizer.model_max_length, tokenizer.model_max_length)
@@ -67,13 +77,9 @@ class SentimentRecipe(Recipe):
 
         encoded = splits.map(encode, batched=True, remove_columns=splits["train"].column_names,
                              desc="tokenizing")
-        counts = {split: sum(ds["truncated"][:]) for split, ds in encoded.items()}  # [:]: one list, not a per-row read
-        if sum(counts.values()) and is_main_process():  # a count, not an error: once, by rank 0
-            detail = ", ".join(f"{split} {n} of {len(encoded[split])}" for split, n in counts.items() if n)
-            print(f"sentiment: {sum(counts.values())} texts were longer than max_length={max_length} tokens and were "
-                  f"truncated ({detail}); raise --max-length (up to {tokenizer.model_max_length}) to keep more.",
-                  file=sys.stderr, flush=True)
-        return encoded.remove_columns("truncated")
+        return warn_truncated(encoded, "sentiment: {count} texts were longer than max_length={max_length} tokens and "
+                              "were truncated ({per_split_of}); raise --max-length (up to {limit}) to keep more.",
+                              max_length=max_length, limit=tokenizer.model_max_length)
 
     def collator(self, tokenizer, cfg):
         from transformers import DataCollatorWithPadding
@@ -88,17 +94,17 @@ class SentimentRecipe(Recipe):
                 # per example (the trainer's `loss` is the batch mean): ranks the report's worst examples
                 "example_loss": F.cross_entropy(logits.float(), batch["labels"], reduction="none")}
 
-    def compute_metrics(self, gathered, cfg):
+    def compute_metrics(self, gathered, cfg, split=None):
         from pipelines.metrics import compute
 
         return compute("classification", predictions=[int(p) for p in gathered["predictions"]],
                        references=[int(r) for r in gathered["references"]])
 
-    def bootstrap_statistic(self, gathered, cfg):
+    def bootstrap_statistic(self, gathered, cfg, split=None):
         return classification_statistic(gathered, self.main_metric)
 
-    def example_rows(self, gathered, raw_split, processor):
-        rows = super().example_rows(gathered, raw_split, processor)
+    def example_rows(self, gathered, raw_split, processor, split=None):
+        rows = super().example_rows(gathered, raw_split, processor, split)
         pair = getattr(self, "text_pair_column", None)
         if pair and raw_split is not None and pair in raw_split.column_names and len(raw_split) == len(rows):
             for row, second in zip(rows, raw_split[pair]):

@@ -11,10 +11,12 @@ sets), which makes it a noisy signal for early stopping and best-checkpoint sele
 
 from __future__ import annotations
 
-from pipelines.data import first_blank, for_map, require_text
+from pipelines.data import for_map
+from pipelines.data_checks import first_blank, require_text, source_row, split_source
 from pipelines.distributed import synced_gpus
 from pipelines.errors import UserError
-from pipelines.recipe import Recipe, resolve_column, source_row, split_source
+from pipelines.options import TaskOptions, task_option
+from pipelines.recipe import Recipe, resolve_column
 
 # Families pre-trained with task prefixes ("summarize: ", "translate English to German: ", ...).
 PREFIX_FAMILIES = ("t5",)
@@ -26,6 +28,13 @@ class SummarizationRecipe(Recipe):
     main_metric = "rougeL"
     metrics = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "gen_len")
     peft_task_type = "SEQ_2_SEQ_LM"
+    model_kinds = ("encoder-decoder text",)
+    models_taken = "encoder-decoder text models (t5, bart, ...)"
+    # the model card (pipelines/cards.py)
+    card_task_name = "Summarization"
+    card_limitations = ("Generated summaries can state facts that are not in the source (hallucinations).",)
+    card_example = ("The city council voted on Tuesday to extend the bicycle lane network by forty kilometres "
+                    "over the next three years, citing a sharp rise in cycling since 2020.")
     defaults = {
         "model": "t5-small",
         "dataset": "EdinburghNLP/xsum",
@@ -39,10 +48,9 @@ class SummarizationRecipe(Recipe):
         "num_beams": 4,
         "max_new_tokens": 64,
     }
-    extra_options = (
-        ("source_prefix", None, "text put before every source document; unset means 'summarize: ' for T5 "
-                                "models and nothing for others", str),
-    )
+    class Options(TaskOptions):
+        source_prefix: str | None = task_option(None, "text put before every source document; unset means "
+                                                      "'summarize: ' for T5 models and nothing for others")
     text_candidates = ("document", "article", "text")
     target_candidates = ("summary", "highlights")
 
@@ -117,7 +125,7 @@ class SummarizationRecipe(Recipe):
         lengths = [sum(1 for t in p if t != pad) for p in predictions]
         return texts, targets, lengths
 
-    def compute_metrics(self, gathered, cfg):
+    def compute_metrics(self, gathered, cfg, split=None):
         from pipelines.metrics import compute
 
         texts, targets, lengths = self.decode(gathered)
@@ -136,17 +144,17 @@ class SummarizationRecipe(Recipe):
         return [scorer.score(target=sentences_to_lines(ref), prediction=sentences_to_lines(hyp))[rouge_type].fmeasure
                 for hyp, ref in zip(texts, targets)]
 
-    def bootstrap_statistic(self, gathered, cfg):
+    def bootstrap_statistic(self, gathered, cfg, split=None):
         """Mean per-example ROUGE of a resample: decoding and scoring happen once, not per resample."""
         import numpy as np
 
         if not self.main_metric.startswith("rouge"):
-            return super().bootstrap_statistic(gathered, cfg)
+            return super().bootstrap_statistic(gathered, cfg, split)
         texts, targets, _ = self.decode(gathered)
         scores = np.asarray(self.rouge_per_example(texts, targets, self.main_metric), dtype=np.float64)
         return lambda indices: float(scores[indices].mean())
 
-    def example_rows(self, gathered, raw_split, processor):
+    def example_rows(self, gathered, raw_split, processor, split=None):
         """Source document, reference and generated summary; error = 1 - ROUGE-L."""
         texts, targets, _ = self.decode(gathered)
         scores = self.rouge_per_example(texts, targets, "rougeL")

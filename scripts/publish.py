@@ -7,7 +7,7 @@
 
 OUTPUT_DIR must be a finished run (it holds run_summary.json, which the trainer writes last);
 --allow-unfinished publishes a stopped run's folder anyway, with a warning. A checkpoint folder
-(checkpoints/step-N) or a report folder of scripts/evaluate.py is never published. The branch
+(checkpoints/step-N) or a report folder of scripts/evaluate_model.py is never published. The branch
 published to then holds exactly the published files: files an earlier publish left there and this one
 does not include are deleted in the same commit (.gitattributes stays; other branches are not touched).
 
@@ -19,13 +19,11 @@ never printed or written.
 
 import argparse
 import logging
-import os
 import sys
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout, not scripts/ (evaluate.py there would shadow the package)
-
-import recipes  # noqa: E402,F401  (registers the recipes: a run's card is rendered again for its target)
-from pipelines.errors import UserError  # noqa: E402
+# pipelines and recipes come from this checkout's editable install (scripts/setup.sh), as in scripts/run.py.
+import recipes  # noqa: F401  (registers the recipes: a run's card is rendered again for its target)
+from pipelines.cli import run_entry_point
 
 
 def main(argv=None) -> int:
@@ -49,22 +47,20 @@ def main(argv=None) -> int:
     for noisy in ("httpx", "httpx2"):  # one INFO line per HTTP request otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
+    return run_entry_point(lambda: publish(args))
+
+
+def publish(args) -> int:
     from pipelines.publish import publish_to_git, publish_to_hub
 
-    try:
-        if args.push_to_git:
-            sha = publish_to_git(args.output_dir, args.push_to_git, branch=args.revision or "main",
-                                 commit_message=args.commit_message, include_checkpoints=args.include_checkpoints,
-                                 allow_unfinished=args.allow_unfinished)
-            print(sha)
-        else:
-            url = publish_to_hub(args.output_dir, args.repo_id, endpoint=args.hub_endpoint, private=args.private,
-                                 revision=args.revision, commit_message=args.commit_message,
-                                 include_checkpoints=args.include_checkpoints, allow_unfinished=args.allow_unfinished)
-            print(url)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.push_to_git:
+        print(publish_to_git(args.output_dir, args.push_to_git, branch=args.revision or "main",
+                             commit_message=args.commit_message, include_checkpoints=args.include_checkpoints,
+                             allow_unfinished=args.allow_unfinished))
+    else:
+        print(publish_to_hub(args.output_dir, args.repo_id, endpoint=args.hub_endpoint, private=args.private,
+                             revision=args.revision, commit_message=args.commit_message,
+                             include_checkpoints=args.include_checkpoints, allow_unfinished=args.allow_unfinished))
     return 0
 
 

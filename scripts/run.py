@@ -4,13 +4,12 @@ Also runs as `python scripts/run.py ...`. See `--help` for the options; every on
 a YAML file passed with `--config`.
 """
 
-import os
 import sys
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout, not scripts/ (evaluate.py there would shadow the package)
-
-from pipelines.cli import main  # noqa: E402
-from recipes import RECIPES  # noqa: E402
+# pipelines and recipes come from this checkout's editable install (scripts/setup.sh): `python scripts/x.py` puts
+# scripts/ first on sys.path, which is harmless as no file here has the name of a package.
+from pipelines.cli import main
+from recipes import RECIPES
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:], RECIPES))

@@ -122,3 +122,26 @@ def test_ranks_are_read_in_one_place():
              if reads.search(path.read_text(encoding="utf-8")) and name != "pipelines.context"]
     assert not found, found
     assert reads.search((REPO / "pipelines" / "context.py").read_text(encoding="utf-8"))
+
+
+# Sizes the architecture issue set: a module a reader can hold in mind, a class that does one thing.
+MAX_MODULE_LINES = 400
+MAX_CLASS_LINES = 200
+
+
+def _sources():
+    for folder in ("pipelines", "recipes"):
+        yield from sorted((REPO / folder).rglob("*.py"))
+
+
+def test_no_module_or_class_is_too_long():
+    too_long = []
+    for path in _sources():
+        text = path.read_text(encoding="utf-8")
+        name = path.relative_to(REPO)
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            too_long.append(f"{name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES:
+                too_long.append(f"{name}: class {node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not too_long, f"over {MAX_MODULE_LINES} lines a module or {MAX_CLASS_LINES} a class: {too_long}"

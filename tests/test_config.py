@@ -2,7 +2,8 @@
 
 import pytest
 
-from pipelines.config import SECRET_KEYS, RunConfig, build_parser, parse_args, snapshot
+from pipelines.config import SECRET_KEYS, RunConfig, parse_args, snapshot
+from pipelines.help import build_parser
 from pipelines.errors import UserError
 from recipes import RECIPES
 
@@ -119,3 +120,22 @@ def test_yaml_dataset_facts_go_with_the_yaml_dataset(tmp_path):
     config.write_text("recipe: asr\ndataset: me/speech\ntrain_split: train.clean\n")
     assert parse_args(["--config", str(config)], RECIPES).train_split == "train.clean"
     assert parse_args(["--config", str(config), "--dataset", "me/other"], RECIPES).train_split == "train"
+
+
+@pytest.mark.parametrize("argv, name, expected", [
+    (["--recipe", "ner", "--label-all-tokens"], "label_all_tokens", True),  # a bool option alone means true
+    (["--recipe", "ner", "--label-all-tokens", "no"], "label_all_tokens", False),  # the same words as --resume
+    (["--recipe", "ner"], "label_all_tokens", None),
+    (["--recipe", "image-classification", "--crop-scale-min", "0.5"], "crop_scale_min", 0.5),
+    (["--recipe", "summarization", "--source-prefix", ""], "source_prefix", ""),
+])
+def test_a_recipe_option_reaches_the_task_as_its_declared_type(argv, name, expected):
+    value = parse_args(argv, RECIPES).extra[name]
+    assert value == expected and type(value) is type(expected)
+
+
+def test_a_recipe_option_with_a_bad_value_or_of_another_recipe_is_one_error():
+    with pytest.raises(UserError, match="option 'crop_scale_min' expects float, got 'half'"):
+        parse_args(["--recipe", "image-classification", "--crop-scale-min", "half"], RECIPES)
+    with pytest.raises(UserError, match="option 'label_all_tokens' belongs to another recipe, not 'sentiment'"):
+        parse_args(["--recipe", "sentiment", "--label-all-tokens"], RECIPES)

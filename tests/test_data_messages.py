@@ -21,7 +21,8 @@ import pytest
 from conftest import DATA, read_jsonl, write_jsonl
 
 from pipelines import cli
-from pipelines.data import _load_files, warn_null_texts
+from pipelines.data import _load_files
+from pipelines.data_checks import warn_null_texts
 from pipelines.errors import UserError
 
 SST2 = DATA / "sst2" / "train.jsonl"
@@ -191,7 +192,7 @@ def test_missing_transcripts_are_counted_and_a_missing_audio_file_is_named(tmp_p
 
 
 def test_conll_tabs_keep_spaces_in_tokens_and_a_byte_order_mark_is_dropped(tmp_path):
-    from recipes.ner import read_conll
+    from recipes.conll import read_conll
 
     path = tmp_path / "train.conll"
     path.write_bytes("\ufeffEU\tB-ORG\r\nNew York\tB-LOC\r\nten\u00a0thousand O\r\n\r\nPeter  B-PER\n".encode("utf-8"))

@@ -1,4 +1,4 @@
-"""scripts/evaluate.py scores the split it is asked for, whole, with the model's own labels; label data errors.
+"""scripts/evaluate_model.py scores the split it is asked for, whole, with the model's own labels; label data errors.
 
 - a folder with a single split, evaluated with --split train, is scored row for row (no validation carved off);
   --validation-file alone is enough (no training data needed);
@@ -93,7 +93,7 @@ def test_data_labels_map_to_the_models_labels_by_name(world, tmp_path):
                       str(world["validation"]), "--output-dir", str(tmp_path / "eval"), "--bootstrap-samples", "0"], RECIPES)
     evaluator = Evaluator(cfg, RECIPES["sentiment"], "validation")
     evaluator.setup()
-    metrics, gathered = evaluator.evaluate("validation")
+    metrics, gathered = evaluator.evaluate()
     names = evaluator.recipe.labels
     assert names == ["positive", "negative"]  # the model's id2label, not the data's sorted names
     predicted = [names[int(p)] for p in gathered["predictions"]]
@@ -211,7 +211,7 @@ def test_class_label_ids_map_by_their_names():
     import datasets
 
     from pipelines.config import RunConfig
-    from pipelines.recipe import ModelLabels, model_label_ids
+    from pipelines.labels import ModelLabels, model_label_ids
     from recipes.ner import tag_ids
 
     model = ModelLabels(["positive", "negative"], "model/config.json")
@@ -232,7 +232,7 @@ def test_training_label_sets_from_booleans_and_label_map():
     import datasets
 
     from pipelines.config import RunConfig
-    from pipelines.recipe import encode_labels, label_names_for
+    from pipelines.labels import encode_labels, label_names_for
 
     splits = {"train": datasets.Dataset.from_dict({"label": [True, False, True]})}
     names = label_names_for(splits, "label", RunConfig(), binary_names=("negative", "positive"))

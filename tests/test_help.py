@@ -1,4 +1,4 @@
-"""--help of scripts/run.py and scripts/evaluate.py: every option described, grouped, with the named recipe's real
+"""--help of scripts/run.py and scripts/evaluate_model.py: every option described, grouped, with the named recipe's real
 defaults and its own typed options; and the closing `done:` line of a run: the headline metric with its bootstrap
 interval and the report's path, not every number of the report. Real subprocesses, tiny local models, offline."""
 
@@ -9,7 +9,10 @@ import pytest
 from conftest import DATA, read_jsonl, run_script, write_jsonl
 from tiny_models import make_tiny_model
 
-from pipelines.config import FIELDS, GROUPS, HELP, build_parser, extra_option_type, format_help
+from pipelines.config import parse_args
+from pipelines.errors import UserError
+from pipelines.help import GROUPS, HELP, build_parser, format_help
+from pipelines.options import FIELDS, TaskOptions, task_option, task_options
 from pipelines.recipe import Recipe
 from recipes import RECIPES
 
@@ -61,16 +64,16 @@ def help_of(*args, script="scripts/run.py"):
 # ------------------------------------------------------------------------------------------ descriptions
 def test_every_option_has_a_description_and_one_group():
     missing = [name for name in FIELDS if not HELP.get(name, "").strip()]
-    assert not missing, f"RunConfig fields without a HELP line in pipelines/config.py: {missing}"
+    assert not missing, f"RunConfig fields without a HELP line in pipelines/help.py: {missing}"
     assert not set(HELP) - set(FIELDS), f"HELP lines for fields that do not exist: {sorted(set(HELP) - set(FIELDS))}"
     placed = [name for names in GROUPS.values() for name in names]
     assert sorted(placed) == sorted(FIELDS), (f"every field in exactly one GROUPS entry; missing: "
                                               f"{sorted(set(FIELDS) - set(placed))}, extra or twice: "
                                               f"{sorted(n for n in placed if placed.count(n) > 1 or n not in FIELDS)}")
     for recipe in RECIPES.values():
-        for option in recipe.extra_options:
-            assert str(option[2]).strip(), f"recipe {recipe.name}: option {option[0]} has no help text"
-            assert option[0] not in FIELDS, f"recipe {recipe.name}: option {option[0]} shadows a RunConfig field"
+        for spec in task_options(recipe):
+            assert spec.help.strip(), f"recipe {recipe.name}: option {spec.name} has no help text"
+            assert spec.name not in FIELDS, f"recipe {recipe.name}: option {spec.name} shadows a RunConfig field"
 
 
 @pytest.mark.parametrize("recipe", [None, *sorted(RECIPES)])
@@ -85,29 +88,43 @@ def test_no_shown_option_lacks_a_description_or_a_type(recipe):
         assert action.metavar or action.choices or "-h" in action.option_strings, f"{action.option_strings} has no type"
 
 
-def test_recipe_options_take_their_type_from_the_default_or_a_declaration():
+def test_recipe_options_take_their_declared_type():
     for recipe in RECIPES.values():
-        for option in recipe.extra_options:
-            kind = extra_option_type(option)
-            if len(option) > 3:
-                assert kind is option[3]
-            elif option[1] is not None:
-                assert kind is type(option[1])
+        for spec in task_options(recipe):
+            assert spec.kind in (bool, int, float, str), (recipe.name, spec)
+            if spec.default is not None:
+                assert isinstance(spec.default, spec.kind), (recipe.name, spec)
     parser = build_parser(RECIPES, "asr")
     by_flag = {a.option_strings[0]: a for a in parser._actions if a.option_strings}
     assert by_flag["--min-audio-seconds"].metavar == "FLOAT"
     assert by_flag["--normalizer"].metavar == "TEXT"
+    parser = build_parser(RECIPES, "image-classification")
+    by_flag = {a.option_strings[0]: a for a in parser._actions if a.option_strings}
+    assert by_flag["--crop-scale-min"].metavar == "FLOAT" and by_flag["--augmentation"].metavar == "TEXT"
 
 
 def test_a_declared_type_names_an_option_whose_default_is_unset():
-    class Demo(Recipe):  # a recipe's options as (name, default, help[, type]): the type when the default is None
+    class Demo(Recipe):  # a recipe's own options: typed fields, whose type holds where the default is None
         name, defaults = "demo", {"learning_rate": 1e-3}
-        extra_options = (("fast_path", None, "take the fast path", bool), ("ratio", None, "a share (0-1)", float))
 
-    options = option_lines(build_parser({**RECIPES, "demo": Demo()}, "demo").format_help())
+        class Options(TaskOptions):
+            fast_path: bool | None = task_option(None, "take the fast path")
+            ratio: float | None = task_option(None, "a share (0-1)")
+
+    demo = {**RECIPES, "demo": Demo()}
+    options = option_lines(build_parser(demo, "demo").format_help())
     assert options["--fast-path"].split() == ["[BOOL]", "take", "the", "fast", "path"]
     assert options["--ratio"].split() == ["FLOAT", "a", "share", "(0-1)"]
     assert "(recipe default 0.001)" in options["--learning-rate"]
+    # the values reach the task as that type, bad ones are one error naming the option
+    cfg = parse_args(["--recipe", "demo", "--fast-path", "--ratio", "0.25"], demo)
+    assert cfg.extra == {"fast_path": True, "ratio": 0.25}
+    assert Demo.Options.of(cfg) == Demo.Options(fast_path=True, ratio=0.25)
+    assert parse_args(["--recipe", "demo", "--fast-path", "no"], demo).extra == {"fast_path": False, "ratio": None}
+    with pytest.raises(UserError, match="option 'ratio' expects float, got 'half'"):
+        parse_args(["--recipe", "demo", "--ratio", "half"], demo)
+    with pytest.raises(UserError, match="option 'fast_path' belongs to another recipe, not 'ner'"):
+        parse_args(["--recipe", "ner", "--fast-path"], demo)
 
 
 # ------------------------------------------------------------------------------------------ run.py --help
@@ -117,8 +134,8 @@ def test_generic_help_shows_generic_defaults_and_lists_the_recipes(wide):
     assert "Defaults shown are the generic ones" in text and "--recipe NAME --help" in text
     for name, recipe in RECIPES.items():
         assert re.search(rf"^  {re.escape(name)}: .*main metric {recipe.main_metric}$", text, re.M), name
-        for option in recipe.extra_options:  # every recipe's own options, each under its recipe
-            assert flag(option[0]) in options
+        for spec in task_options(recipe):  # every recipe's own options, each under its recipe
+            assert flag(spec.name) in options
     for title in GROUPS:
         assert f"\n{title}:\n" in text
     for name, f in FIELDS.items():
@@ -143,12 +160,12 @@ def test_recipe_help_shows_its_defaults_and_its_own_options(recipe):
             assert f"(default {shown(f.default)})" in options[flag(name)], name
     assert f"(default {recipe})" in options["--recipe"]
     assert f"\noptions of recipe {recipe}:\n" in text
-    for option in chosen.extra_options:
-        line = options[flag(option[0])]
-        assert line.split()[0] == {bool: "[BOOL]", int: "INT", float: "FLOAT"}.get(extra_option_type(option), "TEXT")
-        if option[1] is not None:
-            assert f"(default {option[1]})" in line
-    others = {o[0] for r in RECIPES.values() if r is not chosen for o in r.extra_options}
+    for spec in task_options(chosen):
+        line = options[flag(spec.name)]
+        assert line.split()[0] == {bool: "[BOOL]", int: "INT", float: "FLOAT"}.get(spec.kind, "TEXT")
+        if spec.default is not None:
+            assert f"(default {shown(spec.default)})" in line
+    others = {o.name for r in RECIPES.values() if r is not chosen for o in task_options(r)}
     assert not {flag(o) for o in others} & options.keys(), "another recipe's options are not this recipe's help"
 
 
@@ -167,9 +184,9 @@ def test_help_for_an_unknown_recipe_says_so_and_shows_the_generic_defaults(wide)
 
 
 def test_evaluate_help_lists_split_and_the_run_options():
-    text = help_of("--recipe", "ner", script="scripts/evaluate.py")
+    text = help_of("--recipe", "ner", script="scripts/evaluate_model.py")
     options = option_lines(text)
-    assert text.startswith("usage: evaluate.py [--split SPLIT]")
+    assert text.startswith("usage: evaluate_model.py [--split SPLIT]")
     assert "--split" in options and "validation" in options["--split"]
     assert "(recipe default roberta-base)" in options["--model"]
     assert "--label-all-tokens" in options and HELP["bootstrap_samples"] in options["--bootstrap-samples"]

@@ -379,7 +379,7 @@ def test_git_card_target_and_credentials():
 def real_run(tmp_path_factory) -> dict:
     """Folders as the project writes them: a finished scripts/run.py run (tiny BERT, 2 steps, a checkpoint at each),
     what a run killed before its end leaves (run_config.json, metrics, checkpoints: no model, no run_summary.json),
-    a checkpoint of each, and a report folder of scripts/evaluate.py on the finished model."""
+    a checkpoint of each, and a report folder of scripts/evaluate_model.py on the finished model."""
     from conftest import DATA, read_jsonl, run_script, write_jsonl
     from tiny_models import make_tiny_model
 
@@ -397,7 +397,7 @@ def real_run(tmp_path_factory) -> dict:
     assert done.returncode == 0, done.stderr[-3000:]
     report = root / "eval"
     done = run_script([*common, "--model", run, "--split", "validation", "--output-dir", report],
-                      script="scripts/evaluate.py", env={"HF_HOME": str(root / "hf")})
+                      script="scripts/evaluate_model.py", env={"HF_HOME": str(root / "hf")})
     assert done.returncode == 0, done.stderr[-3000:]
     killed = root / "killed"
     killed.mkdir()
@@ -444,7 +444,7 @@ def _error_line(done: subprocess.CompletedProcess) -> str:
     ("checkpoint", ["is a training checkpoint", "publish the run's output folder {run} instead"]),
     ("killed_checkpoint", ["is a training checkpoint",
                            "--output-dir {killed} --resume`, then publish the run's output folder {killed}"]),
-    ("report", ["is an evaluation report folder", "scripts/evaluate.py", "not a model"]),
+    ("report", ["is an evaluation report folder", "scripts/evaluate_model.py", "not a model"]),
 ])
 def test_only_a_finished_run_is_published(real_run, kind, expected, hub, bare_git, tmp_path):
     """A killed run's folder, a checkpoint and an evaluation report folder: one error line, exit 2, and both
@@ -473,9 +473,9 @@ def test_only_a_finished_run_is_published(real_run, kind, expected, hub, bare_gi
 
 
 def test_finished_marker_is_the_trainers():
-    from pipelines import publish, trainer
+    from pipelines import output_folder, publish  # the trainer's output folder writes the marker last
 
-    assert publish.FINISHED_MARKER == trainer.FINISHED_MARKER
+    assert publish.FINISHED_MARKER == output_folder.FINISHED_MARKER
 
 
 def test_allow_unfinished_publishes_a_stopped_run_with_a_warning(real_run, hub, bare_git, tmp_path):

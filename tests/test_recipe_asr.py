@@ -24,7 +24,8 @@ import torch
 from conftest import DATA, read_jsonl, run_script, write_jsonl
 from tiny_models import WHISPER_TINY_EN, make_tiny_model
 
-from recipes.asr import basic_normalize, load_audio_folder, read_audio
+from pipelines.media import read_audio
+from recipes.audio_input import basic_normalize, load_audio_folder
 
 SPEECH = DATA / "speech"
 ROWS = read_jsonl(SPEECH / "metadata.jsonl") if (SPEECH / "metadata.jsonl").is_file() else []
@@ -87,7 +88,7 @@ def test_basic_normalisation():
 
 def test_whisper_normalisation_and_an_unknown_normaliser():
     from pipelines.errors import UserError
-    from recipes.asr import make_normalizer
+    from recipes.audio_input import make_normalizer
 
     whisper = make_normalizer("whisper")  # transformers' EnglishTextNormalizer (no spelling map here)
     assert whisper("Mr. Smith paid $20, didn't he?") == whisper("mister smith paid twenty dollars did not he")
@@ -124,6 +125,44 @@ def test_read_audio_mixes_to_mono_and_resamples_encoded_bytes():
     samples = read_audio({"bytes": flac_bytes_8k_stereo(SHORT[0]), "path": None}, 16000)
     assert samples.ndim == 1 and samples.dtype == np.float32
     assert abs(len(samples) / 16000 - SHORT[0]["duration_s"]) < 0.01
+
+
+def test_for_run_picks_ctc_or_whisper_from_the_model_type(tmp_path):
+    """--recipe asr is one registered prototype; each run gets a fresh CTC or Whisper task from config.json."""
+    from types import SimpleNamespace
+
+    from pipelines.errors import UserError
+    from recipes import RECIPES
+    from recipes.asr_ctc import CtcAsr
+    from recipes.asr_whisper import WhisperAsr
+
+    def model(model_type):
+        folder = tmp_path / model_type
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+        return SimpleNamespace(model=str(folder), trust_remote_code=False, recipe="asr", revision=None)
+
+    prototype = RECIPES["asr"]
+    for model_type, task_class in (("wav2vec2", CtcAsr), ("hubert", CtcAsr), ("whisper", WhisperAsr)):
+        task = prototype.for_run(model(model_type), evaluating=True)
+        assert type(task) is task_class and task.evaluating and task is not prototype
+        assert (task.name, task.defaults, task.Options) == (prototype.name, prototype.defaults, prototype.Options)
+    with pytest.raises(UserError, match=r"\(model_type bert\) is not a speech model this recipe supports"):
+        prototype.for_run(model("bert"))
+
+
+def test_references_are_kept_per_split_name():
+    """Whole splits are scored against their transcripts as kept at preprocessing; a subset (split None) against
+    its labels decoded (where a character the vocabulary lacks is <unk>)."""
+    from recipes.asr_ctc import CtcAsr, build_ctc_tokenizer
+
+    task = CtcAsr()
+    task.tokenizer = build_ctc_tokenizer(["AB"])
+    labels = [np.array(task.tokenizer("A Q").input_ids + [-100])]
+    task.references = {"validation": ["A Q"]}
+    assert task.reference_texts(labels, "validation") == ["A Q"]
+    assert task.reference_texts(labels, None) == ["A <unk>"]
+    assert task.reference_texts(labels, "test") == ["A <unk>"]  # no transcripts kept for that split
 
 
 def test_hub_style_parquet_with_encoded_audio_bytes(tiny_w2v, tmp_path):
@@ -320,7 +359,7 @@ def test_tiny_whisper_trains_with_lora_loss_falls_and_wer_matches_jiwer(tmp_path
 
 
 def evaluate_here(argv, split="validation"):
-    """scripts/evaluate.py's evaluation (pipelines.evaluation.Evaluator, which reuses Trainer.evaluate),
+    """scripts/evaluate_model.py's evaluation (pipelines.evaluation.Evaluator, which runs the trainer's evaluate),
     in this process: its metrics and the gathered per-example outputs, in dataset order."""
     from pipelines.config import parse_args
     from pipelines.evaluation import Evaluator
@@ -329,12 +368,12 @@ def evaluate_here(argv, split="validation"):
     cfg = parse_args([str(a) for a in argv], RECIPES)
     evaluator = Evaluator(cfg, RECIPES[cfg.recipe], split)
     evaluator.setup()
-    return evaluator.evaluate(split)
+    return evaluator.evaluate()
 
 
 @pytest.mark.skipif(not (WHISPER_TINY_EN / "model.safetensors").is_file(), reason="whisper-tiny.en not in ../shared")
 def test_real_whisper_tiny_en_wer_and_a_short_lora_fine_tune(tmp_path):
-    """Before: the evaluation scripts/evaluate.py runs (the run's own code path), here in-process so
+    """Before: the evaluation scripts/evaluate_model.py runs (the run's own code path), here in-process so
     that every hypothesis can be scored by jiwer directly; after: a run."""
     from transformers import WhisperTokenizer
 

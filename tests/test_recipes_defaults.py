@@ -1,88 +1,98 @@
-"""Each recipe's real Hub defaults, pinned as README.md's "Recipes" table states them.
+"""Each recipe's real Hub defaults have one source, the recipe's `defaults` (and its `Options` defaults); README.md's
+"Recipes" table and the config files under recipes/configs are checked against it.
 
-The values below are what `scripts/run.py --recipe NAME` (and the recipe's config file) resolve to.
-A change to a default must change this table, the README row and the config file together, so a
-user reading any one of them gets what the code runs. No network: only the configuration is resolved.
+- `scripts/run.py --recipe NAME` resolves to exactly the recipe's defaults over the generic ones;
+- README's "real default" cell names the model and dataset the recipe's defaults name;
+- each config file README lists runs that default (the README may name another model for it, e.g. Whisper), and
+  holds only what it changes: every key but `recipe` changes the resolved configuration.
+A change to a default is made in the recipe; this test then asks for the README row. No network: only the
+configuration is resolved.
 """
 
+import dataclasses
 import re
 
 import pytest
 import yaml
 from conftest import REPO
 
-from pipelines.config import parse_args
+from pipelines.config import RunConfig, parse_args
+from pipelines.options import task_options
 from recipes import RECIPES
 
-# recipe -> (README's dataset words, resolved configuration); README names the model ids verbatim.
-DEFAULTS = {
-    "sentiment": ("GLUE SST-2", dict(
-        model="bert-base-uncased", dataset="nyu-mll/glue", dataset_config="sst2", dataset_revision=None,
-        train_split="train", validation_split="validation", test_split=None)),  # GLUE's test labels are hidden
-    "ner": ("CoNLL-2003", dict(
-        model="roberta-base", dataset="lhoestq/conll2003", dataset_config=None, dataset_revision=None,
-        train_split="train", validation_split="validation", test_split="test")),
-    "summarization": ("XSum", dict(
-        model="t5-small", dataset="EdinburghNLP/xsum", dataset_config=None, dataset_revision="refs/convert/parquet",
-        train_split="train", validation_split="validation", test_split="test")),
-    "asr": ("LibriSpeech", dict(
-        model="facebook/wav2vec2-base", dataset="openslr/librispeech_asr", dataset_config="clean",
-        dataset_revision=None, train_split="train.100", validation_split="validation", test_split="test")),
-    "image-classification": ("beans", dict(
-        model="google/vit-base-patch16-224-in21k", dataset="AI-Lab-Makerere/beans", dataset_config=None,
-        dataset_revision=None, train_split="train", validation_split="validation", test_split="test")),
-}
-# Config files that run a real default (README's "config" column), and what they change from it.
-CONFIG_FILES = {
-    "ner.yaml": ("ner", {}),
-    "summarization.yaml": ("summarization", {}),
-    "asr_wav2vec2.yaml": ("asr", {}),
-    "asr_whisper.yaml": ("asr", {"model": "openai/whisper-small"}),  # the README's "or openai/whisper-small"
-    "image_classification.yaml": ("image-classification", {}),
-}
-FIELDS = tuple(DEFAULTS["ner"][1])
+CONFIGS = REPO / "recipes" / "configs"
+# Config files that are no recipe's real default: the offline demo (README's "(offline)") and its CPU settings.
+NOT_RECIPE_DEFAULTS = {"demo.yaml", "cpu_fast.yaml"}
+DATA_FIELDS = ("dataset", "dataset_config", "dataset_revision", "train_split", "validation_split", "test_split")
 
 
-def resolved(argv):
-    cfg = parse_args(argv, RECIPES)
-    return {field: getattr(cfg, field) for field in FIELDS}
+def resolved(argv) -> dict:
+    return parse_args([str(a) for a in argv], RECIPES).to_dict()
 
 
 def readme_rows() -> dict:
-    """The "## Recipes" table of README.md: `--recipe` name -> the "real default" cell."""
+    """The "## Recipes" table of README.md: `--recipe` name -> {"default": cell, "configs": {file: offline?}}."""
     text = (REPO / "README.md").read_text(encoding="utf-8")
     section = text.split("\n## Recipes", 1)[1].split("\n## ", 1)[0]
     rows = {}
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        name = re.fullmatch(r"`([\w-]+)`", cells[0]) if cells else None
+        name = re.fullmatch(r"`([a-z][\w-]*)`", cells[0]) if cells else None  # not the header `--recipe`
         if name:
-            rows[name.group(1)] = cells[2]
+            configs = {re.search(r"`(?:recipes/configs/)?([\w.-]+\.yaml)`", part).group(1): "(offline)" in part
+                       for part in cells[4].split(",")}
+            rows[name.group(1)] = {"default": cells[2], "configs": configs}
     return rows
 
 
-def test_every_recipe_is_pinned():
-    assert set(DEFAULTS) == set(RECIPES)
+def stated_configs() -> dict:
+    """Config file -> recipe, for every config README says runs a recipe's real default."""
+    return {file: recipe for recipe, row in readme_rows().items() for file, offline in row["configs"].items()
+            if not offline}
 
 
-@pytest.mark.parametrize("recipe", list(DEFAULTS))
-def test_recipe_resolves_to_its_real_hub_default(recipe):
-    assert resolved(["--recipe", recipe]) == DEFAULTS[recipe][1]
+def test_every_recipe_has_a_readme_row():
+    assert set(readme_rows()) == set(RECIPES)
 
 
-@pytest.mark.parametrize("recipe", list(DEFAULTS))
-def test_readme_table_states_the_same_default(recipe):
-    words, expected = DEFAULTS[recipe]
-    cell = readme_rows()[recipe]
-    assert f"`{expected['model']}`" in cell and f"on {words}" in cell, cell
+def test_every_config_file_is_in_the_readme_or_no_recipe_default():
+    shipped = {path.name for path in CONFIGS.glob("*.yaml")}
+    assert set(stated_configs()) == shipped - NOT_RECIPE_DEFAULTS
 
 
-@pytest.mark.parametrize("name", list(CONFIG_FILES))
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_recipe_resolves_to_its_defaults(recipe):
+    task = RECIPES[recipe]
+    expected = {**dataclasses.asdict(RunConfig()), **task.defaults, "recipe": recipe,
+                "output_dir": f"outputs/{recipe}", "extra": {spec.name: spec.default for spec in task_options(task)}}
+    assert resolved(["--recipe", recipe]) == expected
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_readme_table_states_the_recipe_default(recipe):
+    cell = readme_rows()[recipe]["default"]
+    for name in ("model", "dataset", "dataset_config"):
+        value = RECIPES[recipe].defaults.get(name)
+        assert value is None or f"`{value}`" in cell, (name, value, cell)
+
+
+@pytest.mark.parametrize("name", sorted(stated_configs()))
 def test_config_file_runs_the_stated_default(name):
-    recipe, changes = CONFIG_FILES[name]
-    path = REPO / "recipes" / "configs" / name
+    recipe = stated_configs()[name]
+    path = CONFIGS / name
     assert yaml.safe_load(path.read_text())["recipe"] == recipe
-    expected = {**DEFAULTS[recipe][1], **changes}
-    assert resolved(["--config", str(path)]) == expected
-    if changes.get("model"):
-        assert f"`{changes['model']}`" in readme_rows()[recipe]
+    config, default = resolved(["--config", path]), resolved(["--recipe", recipe])
+    assert {f: config[f] for f in DATA_FIELDS} == {f: default[f] for f in DATA_FIELDS}
+    assert f"`{config['model']}`" in readme_rows()[recipe]["default"], "README names the model this config runs"
+
+
+@pytest.mark.parametrize("name", sorted(stated_configs()))
+def test_config_file_holds_only_what_it_changes(name, tmp_path):
+    values = yaml.safe_load((CONFIGS / name).read_text())
+    config = resolved(["--config", CONFIGS / name])
+    for key in values:
+        if key == "recipe":
+            continue
+        trial = tmp_path / f"without-{key}.yaml"
+        trial.write_text(yaml.safe_dump({k: v for k, v in values.items() if k != key}))
+        assert resolved(["--config", trial]) != config, f"{name}: '{key}' only repeats a default; leave it out"

@@ -2,7 +2,7 @@
 
 A tiny BERT trained on a slice of real SST-2 rows: the report's numbers must equal scikit-learn on the
 saved model's own predictions, the interval must be seeded and contain the estimate, the card must parse
-with huggingface_hub and its how-to snippet must run, scripts/evaluate.py must reproduce the run's final
+with huggingface_hub and its how-to snippet must run, scripts/evaluate_model.py must reproduce the run's final
 evaluation (full model and LoRA adapter, from a folder or the Hub), a planted HF_TOKEN must appear in no
 output file, and --push-to-hub / --push-to-git / scripts/publish.py must deliver the model with a card
 that names where it was published, to a local Hub-compatible server and a bare git repository.
@@ -152,7 +152,7 @@ def test_report_numbers_equal_sklearn_on_the_saved_model(full_run, setup):
     from sklearn.metrics import accuracy_score, f1_score
 
     from pipelines.recipe import classification_statistic
-    from pipelines.report import bootstrap_ci
+    from pipelines.bootstrap import bootstrap_ci
 
     root, _ = setup
     report = json.loads((full_run / "eval_report.json").read_text())
@@ -200,7 +200,7 @@ def test_report_numbers_equal_sklearn_on_the_saved_model(full_run, setup):
 def test_classification_fast_path_equals_the_metric_module():
     from pipelines.metrics import compute
     from pipelines.recipe import classification_statistic
-    from pipelines.report import bootstrap_ci
+    from pipelines.bootstrap import bootstrap_ci
 
     rng = np.random.default_rng(0)
     references = rng.integers(0, 3, 1500)
@@ -383,7 +383,7 @@ def test_run_publishes_to_a_branch_with_a_message_on_the_hub_and_git(setup, hub,
     assert saved["revision"] is None  # the base model's revision: another option
 
 
-# ------------------------------------------------------------------------------------------------ evaluate.py
+# ------------------------------------------------------------------------------------------------ evaluate_model.py
 @pytest.mark.parametrize("run", ["full_run", "lora_run"])
 def test_evaluate_script_reproduces_the_final_evaluation(run, request, setup, tmp_path):
     root, _ = setup
@@ -391,7 +391,7 @@ def test_evaluate_script_reproduces_the_final_evaluation(run, request, setup, tm
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     report_dir = tmp_path / "eval"
     done = run_script([*COMMON, "--model", out, "--dataset", root / "data", "--split", "validation",
-                       "--output-dir", report_dir, "--eval-batch-size", 64], script="scripts/evaluate.py",
+                       "--output-dir", report_dir, "--eval-batch-size", 64], script="scripts/evaluate_model.py",
                       env=_env(root))
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((report_dir / "eval_report.json").read_text())
@@ -409,7 +409,7 @@ def test_evaluate_script_loads_a_lora_adapter_from_the_hub(lora_run, setup, hub,
     root, _ = setup
     report_dir = tmp_path / "eval"
     done = run_script([*COMMON, "--model", REPO_ID, "--dataset", root / "data", "--split", "validation",
-                       "--output-dir", report_dir, "--eval-batch-size", 64], script="scripts/evaluate.py",
+                       "--output-dir", report_dir, "--eval-batch-size", 64], script="scripts/evaluate_model.py",
                       env={**_online_env(root, hub), "HF_HOME": str(tmp_path / "hf")})
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((report_dir / "eval_report.json").read_text())
@@ -428,7 +428,8 @@ def test_evaluate_script_hub_unreachable_and_pickle_adapters(lora_run, setup, tm
         s.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{s.getsockname()[1]}"
     args = [*COMMON, "--dataset", root / "data", "--eval-batch-size", 64]
-    done = run_script([*args, "--model", "me/somewhere", "--output-dir", tmp_path / "e1"], script="scripts/evaluate.py",
+    done = run_script([*args, "--model", "me/somewhere", "--output-dir", tmp_path / "e1"],
+                      script="scripts/evaluate_model.py",
                       env={**_env(root), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": closed})
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert f"could not reach the Hugging Face Hub at {closed}" in done.stderr and "adapter_config.json" in done.stderr
@@ -437,12 +438,12 @@ def test_evaluate_script_hub_unreachable_and_pickle_adapters(lora_run, setup, tm
     shutil.copytree(lora_run, pickled)
     torch.save(load_file(pickled / "adapter_model.safetensors"), pickled / "adapter_model.bin")
     (pickled / "adapter_model.safetensors").unlink()
-    done = run_script([*args, "--model", pickled, "--output-dir", tmp_path / "e2"], script="scripts/evaluate.py")
+    done = run_script([*args, "--model", pickled, "--output-dir", tmp_path / "e2"], script="scripts/evaluate_model.py")
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "adapter_model.bin" in errors[0] and "--allow-pickle" in errors[0], done.stderr
     done = run_script([*args, "--model", pickled, "--output-dir", tmp_path / "e3", "--allow-pickle"],
-                      script="scripts/evaluate.py")
+                      script="scripts/evaluate_model.py")
     assert done.returncode == 0, done.stderr[-3000:]
     trained = json.loads((lora_run / "eval_results.json").read_text())["validation"]
     assert json.loads((tmp_path / "e3" / "eval_report.json").read_text())["metrics"]["accuracy"] == trained["accuracy"]
@@ -453,7 +454,8 @@ def test_evaluate_script_errors_are_one_line(full_run, setup, tmp_path):
     for args, expected in [(["--output-dir", full_run], "is the model folder"),
                            (["--output-dir", tmp_path / "x", "--split", "test"], "no test split"),
                            ([], "--output-dir is required")]:
-        done = run_script([*COMMON, "--model", full_run, "--dataset", root / "data", *args], script="scripts/evaluate.py")
+        done = run_script([*COMMON, "--model", full_run, "--dataset", root / "data", *args],
+                          script="scripts/evaluate_model.py")
         assert done.returncode == 2, done.stderr[-2000:]
         assert "Traceback" not in done.stderr and expected in done.stderr
 
