@@ -27,6 +27,9 @@ class Recipe:
     main_metric: str = "accuracy"  # headline metric, default for early stopping and best checkpoint
     greater_is_better: bool = True
     peft_task_type: str | None = None  # peft TaskType for LoRA, e.g. "SEQ_CLS"
+    # Modules the task's model class adds on top of the backbone (dotted paths, e.g. "qa_outputs"): new weights that
+    # every strategy trains (LoRA saves them too), besides the family's own heads (pipelines/models.py ARCHITECTURES).
+    head_modules: tuple = ()
     defaults: dict = {}  # RunConfig overrides: the real Hub model and dataset, sensible hyperparameters
     Options: type | None = None  # options only this task has: a pipelines.options.TaskOptions dataclass
     # The kinds of model the task takes (pipelines.models.model_kind: "text", "encoder-decoder text", "speech",

@@ -208,7 +208,7 @@ class Trainer:
         self.num_train_examples = len(self.encoded["train"])
         check_metric_for_best(self.recipe, self.metric_for_best, cfg)
 
-        self.plan = plan_tuning(model, cfg, self.recipe.peft_task_type)
+        self.plan = plan_tuning(model, cfg, self.recipe.peft_task_type, self.recipe.head_modules)
         acc.print(f"{cfg.recipe}: {self.plan.describe()} (strategy: {cfg.tuning})")
         if self.plan.mask is not None and acc.distributed_type.name in ("DEEPSPEED", "FSDP"):
             raise UserError(f"--tuning gradual works on one device and with DDP, not with {acc.distributed_type.name}; "

@@ -20,6 +20,7 @@ layers stay bit-identical until their stage arrives.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -147,12 +148,13 @@ def _freeze(model, arch: Architecture, depths: dict, lowest_trained_depth: int) 
         p.requires_grad = depths[name] >= lowest_trained_depth and not _is_always_frozen(name, arch)
 
 
-def _apply_lora(model, arch: Architecture, cfg, task_type):
+def _apply_lora(model, arch: Architecture, cfg, task_type, task_heads: tuple = ()):
     from peft import LoraConfig, get_peft_model
 
     targets = list(cfg.lora_target_modules or arch.lora_targets)
     present = {n for n, _ in model.named_modules()}
-    heads = [h for h in arch.heads if h in present and not arch.pretrained_head]
+    # A family's pretrained output layer stays frozen; a head the task adds is new whatever the family.
+    heads = [h for h in arch.heads if h in present and (h in task_heads or not arch.pretrained_head)]
     lora_config = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -179,12 +181,15 @@ def no_weight_decay(name: str, param) -> bool:
     return param.ndim < 2 or "norm" in name.lower()
 
 
-def plan_tuning(model, cfg, peft_task_type: str | None = None) -> TuningPlan:
-    """Apply the chosen strategy to `model` (before accelerator.prepare) and build optimizer groups."""
+def plan_tuning(model, cfg, peft_task_type: str | None = None, task_heads: tuple = ()) -> TuningPlan:
+    """Apply the chosen strategy to `model` (before accelerator.prepare) and build optimizer groups. `task_heads`:
+    the task's own new modules (Recipe.head_modules), trained like the family's heads."""
     needs_layers = cfg.tuning != "full" or cfg.layer_lr_decay != 1.0 or cfg.head_learning_rate is not None
     # A family with modules that never train (wav2vec2's feature encoder) needs its table under full fine-tuning too.
     known = ARCHITECTURES.get(getattr(model.config, "model_type", None))
     arch = architecture(model) if needs_layers or (known is not None and known.always_frozen) else None
+    if arch is not None and task_heads:
+        arch = dataclasses.replace(arch, heads=(*arch.heads, *(h for h in task_heads if h not in arch.heads)))
     if arch is None:  # full fine-tuning of a family we know nothing about: everything trains at one rate
         depths = {n: 0 for n, _ in model.named_parameters()}
         num_layers = 0
@@ -197,7 +202,7 @@ def plan_tuning(model, cfg, peft_task_type: str | None = None) -> TuningPlan:
 
     mask = None
     if cfg.tuning == "lora":
-        model = _apply_lora(model, arch, cfg, peft_task_type)
+        model = _apply_lora(model, arch, cfg, peft_task_type, task_heads)
         for name, p in model.named_parameters():
             if _is_always_frozen(name, arch):
                 p.requires_grad = False
