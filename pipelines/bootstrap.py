@@ -33,7 +33,7 @@ def headline_interval(recipe, gathered: dict, cfg, metrics: dict, split: str | N
 
     name = recipe.main_metric
     resamples = getattr(cfg, "bootstrap_samples", 1000)
-    n = len(gathered.get("references", ()))
+    n = recipe.example_count(gathered, split)  # examples, which may be fewer than the gathered rows
     if name not in metrics or not resamples or n < 2:
         return None
     statistic = recipe.bootstrap_statistic(gathered, cfg, split)

@@ -161,7 +161,6 @@ def usage_snippet(recipe, model_ref: str, adapter: bool, *, example_file: str | 
     else read from the folder; without it the snippet passes recipe.card_example. `clone_url`: the model is
     in a git repository, cloned (at `revision`) first.
     """
-    tag = recipe.pipeline_tag
     lines = []
     if clone_url:  # the branch always: a bare remote's HEAD may name a branch that does not exist
         lines.append(f"# First: git clone --branch {revision or 'main'} {clone_url} (git-lfs installed), "
@@ -170,14 +169,14 @@ def usage_snippet(recipe, model_ref: str, adapter: bool, *, example_file: str | 
         lines += recipe.card_file_imports
     if example_file and on_hub:
         lines.append("from huggingface_hub import hf_hub_download")
-    lines += ["from transformers import pipeline", ""]
     hub_revision = f", revision={_py(revision)}" if on_hub and revision else ""
-    args = f"{_py(tag)}, model={_py(model_ref)}{hub_revision}"
+    imports, make_pipe = recipe.card_pipeline(f"{_py(model_ref)}{hub_revision}")
+    lines += [*imports, ""]
     if adapter:
         # The folder's config.json carries the labels: no id2label to pass.
         lines.append("# A LoRA adapter: transformers (with peft installed) loads the base weights and config")
         lines.append("# stored beside it, then the adapter and the trained head.")
-    lines.append(f"pipe = pipeline({args})")
+    lines += make_pipe
     if example_file:
         if on_hub:
             lines.append(f"example = hf_hub_download({_py(model_ref)}, {_py(example_file)}{hub_revision})"
@@ -186,6 +185,9 @@ def usage_snippet(recipe, model_ref: str, adapter: bool, *, example_file: str | 
             lines.append(f"example = {_py(model_ref.rstrip('/') + '/' + example_file)}  # an input from the evaluation data")
         return "\n".join(lines + list(recipe.card_file_lines))
     note = f"  # {recipe.card_example_note}" if recipe.card_example_note else ""
+    if recipe.card_example_lines:  # the task's own use of the output (pipelines/recipe.py)
+        lines.append(f"example = {_py(recipe.card_example)}{note}")
+        return "\n".join(lines + list(recipe.card_example_lines))
     lines.append(f"print(pipe({_py(recipe.card_example)})){note}")
     return "\n".join(lines)
 

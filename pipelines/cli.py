@@ -106,37 +106,44 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
-def evaluate_main(argv, recipes: dict | None = None) -> int:
-    """scripts/evaluate_model.py: the options of scripts/run.py plus --split; one-line errors (exit 2)."""
+def script_with_own_options(argv, recipes: dict, prog: str, description: str, options: list[tuple], writes: str,
+                            body) -> int:
+    """A script that takes every option of scripts/run.py plus its own `options` ((flags, argparse keywords) pairs)
+    and writes `writes` into a required --output-dir: --help shows its options first; then `body(cfg, own values)`
+    runs under run_entry_point (one-line errors) and returns the exit status."""
     import argparse
-    import sys
 
     from pipelines.config import format_help, parse_args
-    from pipelines.evaluation import SPLITS, Evaluator
 
-    RECIPES = recipes if recipes is not None else registered()
-
-    pre = argparse.ArgumentParser(
-        prog="evaluate_model.py", add_help=False, allow_abbrev=False,
-        description="Evaluate a model (output folder, adapter folder or Hub id) on a dataset split with a "
-                    "recipe's metrics; writes eval_report.json/.md and plots into --output-dir. Takes every "
-                    "option of scripts/run.py (see its --help): use the run's data options (--dataset, "
-                    "--max-length, ...) to reproduce its evaluation.")
-    pre.add_argument("--split", default="validation", choices=SPLITS, help="split to evaluate (default validation)")
+    pre = argparse.ArgumentParser(prog=prog, add_help=False, allow_abbrev=False, description=description)
+    for flags, keywords in options:
+        pre.add_argument(*flags, **keywords)
     pre.add_argument("-h", "--help", action="store_true")
     known, rest = pre.parse_known_args(argv)
-    if known.help:  # --split, then every option of scripts/run.py with the named recipe's defaults
-        print(format_help(rest, RECIPES, "evaluate_model.py", head=pre))
+    if known.help:
+        print(format_help(rest, recipes, prog, head=pre))
         return 0
     quiet_libraries()
     cfg = None
 
     def run() -> int:
         nonlocal cfg
-        cfg = parse_args(rest, RECIPES)
+        cfg = parse_args(rest, recipes)
         given = any(a == "--output-dir" or a.startswith("--output-dir=") for a in rest)
         if not given and cfg.output_dir == os.path.join("outputs", cfg.recipe):  # parse_args' default: a run's folder
-            raise UserError("--output-dir is required: the folder for eval_report.json/.md and the plots")
+            raise UserError(f"--output-dir is required: the folder for {writes}")
+        return body(cfg, known)
+
+    return run_entry_point(run, lambda: cfg.output_dir if cfg else None)
+
+
+def evaluate_main(argv, recipes: dict | None = None) -> int:
+    """scripts/evaluate_model.py: the options of scripts/run.py plus --split; one-line errors (exit 2)."""
+    from pipelines.evaluation import SPLITS, Evaluator
+
+    RECIPES = recipes if recipes is not None else registered()
+
+    def evaluate(cfg, known) -> int:
         if cfg.model is None:
             raise UserError("--model is required: an output folder, an adapter folder or a Hub id")
         evaluator = Evaluator(cfg, RECIPES[cfg.recipe], known.split)
@@ -150,4 +157,40 @@ def evaluate_main(argv, recipes: dict | None = None) -> int:
                   f"{os.path.join(cfg.output_dir, 'eval_report.md')}")
         return 0
 
-    return run_entry_point(run, lambda: cfg.output_dir if cfg else None)
+    return script_with_own_options(argv, RECIPES, "evaluate_model.py", (
+        "Evaluate a model (output folder, adapter folder or Hub id) on a dataset split with a recipe's metrics; "
+        "writes eval_report.json/.md and plots into --output-dir. Takes every option of scripts/run.py (see its "
+        "--help): use the run's data options (--dataset, --max-length, ...) to reproduce its evaluation."),
+        [(("--split",), dict(default="validation", choices=SPLITS, help="split to evaluate (default validation)"))],
+        "eval_report.json/.md and the plots", evaluate)
+
+
+def find_lr_main(argv, recipes: dict | None = None) -> int:
+    """scripts/find_lr.py: the learning-rate range test with the options of scripts/run.py (the strategy
+    included); writes lr_find.json and lr_find.png into --output-dir and prints the rate to use."""
+    from pipelines.files import write_json
+    from pipelines.lr_finder import plot, range_test
+
+    RECIPES = recipes if recipes is not None else registered()
+
+    def find_lr(cfg, known) -> int:
+        result = range_test(cfg, RECIPES[cfg.recipe], known.start_lr, known.end_lr, known.num_steps)
+        if is_main_process():
+            out = Path(cfg.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / "lr_find.json", result)
+            plot(result, out / "lr_find.png", f"{cfg.recipe}, --tuning {cfg.tuning}: {result['trainable_params']:,} "
+                                              "parameters train")
+            print(f"done: suggested --learning-rate {result['learning_rate']:.2g} (valley; steepest descent at "
+                  f"{result['steepest']:.2g}; the sweep ran {len(result['learning_rates'])} steps, "
+                  f"{result['stopped']}); curve in {out / 'lr_find.png'}")
+        return 0
+
+    return script_with_own_options(argv, RECIPES, "find_lr.py", (
+        "Learning-rate range test: set up as scripts/run.py would with the same options (the --tuning strategy "
+        "decides what trains), raise the rate exponentially from --start-lr to --end-lr over --num-steps batches, "
+        "and suggest the --learning-rate to train with. The weights are not saved."), [
+        (("--start-lr",), dict(type=float, default=1e-7, help="first rate of the sweep (default 1e-7)")),
+        (("--end-lr",), dict(type=float, default=1.0, help="last rate of the sweep (default 1)")),
+        (("--num-steps",), dict(type=int, default=100, help="optimizer steps of the sweep, one batch each (default 100)"))],
+        "lr_find.json and lr_find.png", find_lr)

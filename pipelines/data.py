@@ -41,10 +41,11 @@ def vader_movie_reviews() -> dict:
     """10,568 movie-review sentences with human sentiment scores (Hutto & Gilbert, ICWSM 2014).
 
     They ship inside the source distribution of vaderSentiment 3.3.2. The sign of the mean rating is
-    the label (0 negative, 1 positive; the 37 zeros are skipped). The split is fixed and seeded:
-    1,500 test and 500 validation sentences that training never sees.
+    the label (0 negative, 1 positive; the 37 zeros are skipped); `rating` keeps the mean rating itself
+    (-4 to 4, for the regression recipe). The split is fixed and seeded: 1,500 test and 500 validation
+    sentences that training never sees.
     """
-    folder = cache_root() / "vader-movie-reviews"
+    folder = cache_root() / "vader-movie-reviews-v2"  # v2: rows hold `rating` (a v1 cache has only the sign)
     files = {split: folder / f"{split}.jsonl" for split in ("train", "validation", "test")}
     if all(f.exists() for f in files.values()):
         return {k: str(v) for k, v in files.items()}
@@ -68,7 +69,7 @@ def vader_movie_reviews() -> dict:
             continue
         score = float(parts[1])
         if score != 0:
-            rows.append({"text": parts[2].strip(), "label": int(score > 0)})
+            rows.append({"text": parts[2].strip(), "label": int(score > 0), "rating": score})
     import random
 
     random.Random(0).shuffle(rows)

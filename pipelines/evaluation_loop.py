@@ -61,5 +61,5 @@ def evaluate(model, loader, task, accelerator, cfg, split: str, order: list | No
     metrics = task.compute_metrics(gathered, cfg, split)
     if "loss" in gathered:
         metrics["loss"] = float(sum(gathered["loss"]) / len(gathered["loss"]))
-    metrics["samples"] = len(gathered["references"])
+    metrics["samples"] = task.example_count(gathered, split)
     return metrics, gathered

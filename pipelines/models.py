@@ -43,7 +43,7 @@ ARCHITECTURES = {
         always_frozen=("hubert.feature_extractor",),
     ),
     "whisper": Architecture(
-        layers=("model.encoder.layers", "model.decoder.layers"), heads=("proj_out",),
+        layers=("model.encoder.layers|encoder.layers", "model.decoder.layers|"), heads=("proj_out",),
         lora_targets=("q_proj", "k_proj", "v_proj", "out_proj"), pretrained_head=True,
     ),
     "vit": Architecture(layers=("vit.layers|vit.encoder.layer",), heads=("classifier",), lora_targets=("q_proj", "v_proj")),

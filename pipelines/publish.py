@@ -38,7 +38,7 @@ MODEL_FILES = [
     "*merges.txt", "*.model", "*.spm", "*.tiktoken", "*chat_template.jinja", "*chat_template.json",
     "*normalizer.json",  # Whisper's English spelling map (tokenizer file)
     "README.md", "*eval_report.json", "*eval_report.md", "*.png",
-    "example.wav",  # the input the card's how-to snippet runs on (a task's example_file; example.png is a *.png)
+    "example.*",  # the input the card's how-to snippet runs on (Recipe.example_file: example.png, .wav, .txt, ...)
 ]
 TRAINING_STATE = [
     "checkpoints/*", "*/checkpoints/*", "checkpoint-*", "*/checkpoint-*", "runs/*", "*tfevents*",

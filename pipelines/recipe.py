@@ -56,6 +56,9 @@ class Recipe:
     card_task_name: str = ""  # the task as the card and its model-index name it, e.g. "Text Classification"
     card_example: str = "..."  # the input the card's how-to snippet passes to the pipeline
     card_example_note: str | None = None  # a comment after card_example when it only names a file of the user's
+    # Lines the snippet runs after `example = card_example` instead of print(pipe(card_example)), for a task whose
+    # pipeline output needs more to mean what the task predicts (regression: back to the data's units); () = none.
+    card_example_lines: tuple = ()
     # An input of the evaluation data that `write_example_input` saves beside the model (e.g. "example.png"); the
     # snippet then runs on it, with `card_file_imports` and `card_file_lines` (the file's path is in `example`).
     example_file: str | None = None
@@ -119,6 +122,17 @@ class Recipe:
         """The metric names compute_metrics returns, known once `load` has run (e.g. per label); the trainer
         checks --metric-for-best against them before training. () = unknown: checked at the first evaluation."""
         return tuple(self.metrics)
+
+    def example_count(self, gathered: dict, split: str | None = None) -> int:
+        """How many examples the outputs gathered for `split` hold: the report's count and the bootstrap's n (its
+        indices run over examples). Default: one per row; QA gathers one row per window of a context."""
+        return len(gathered.get("references", ()))
+
+    def card_pipeline(self, source: str) -> tuple[list, list]:
+        """(imports, lines) of the card's snippet that make `pipe`, which it calls on the example; `source`: the model
+        as from_pretrained arguments ('"ID", revision="BRANCH"'). Default: transformers' pipeline(pipeline_tag);
+        a task it has no pipeline for (question answering, since transformers 5) builds its own."""
+        return ["from transformers import pipeline"], [f'pipe = pipeline("{self.pipeline_tag}", model={source})']
 
     def pad_id(self, processor) -> int | None:
         tokenizer = getattr(processor, "tokenizer", processor)

@@ -49,7 +49,9 @@ class LayerMap:
         self.offsets = []  # (dotted path of a layer stack, depth offset of its first layer)
         offset = 0
         for spec in arch.layers:
-            path, stack = resolve_module(model, spec)
+            path, stack = resolve_module(model, spec) or (None, None)
+            if path is None:  # an optional stack ("a|") that this model class lacks
+                continue
             self.offsets.append((path, offset))
             offset += len(stack)
         self.num_layers = offset
@@ -75,10 +77,13 @@ def hasattr_path(model, dotted: str) -> bool:
 
 
 def resolve_module(model, spec: str):
-    """`spec` lists alternative paths as "a|b" (module names move between transformers versions)."""
+    """`spec` lists alternative paths as "a|b" (module names move between transformers versions, or between a
+    family's model classes); an empty alternative, "a|", marks a stack that a class may lack: None then."""
     for path in spec.split("|"):
-        if hasattr_path(model, path):
+        if path and hasattr_path(model, path):
             return path, get_module(model, path)
+    if "" in spec.split("|"):
+        return None
     raise UserError(f"{type(model).__name__} has none of the layer stacks {spec} named in pipelines/models.py ARCHITECTURES")
 
 

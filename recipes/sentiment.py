@@ -77,9 +77,9 @@ class SentimentRecipe(Recipe):
 
         encoded = splits.map(encode, batched=True, remove_columns=splits["train"].column_names,
                              desc="tokenizing")
-        return warn_truncated(encoded, "sentiment: {count} texts were longer than max_length={max_length} tokens and "
+        return warn_truncated(encoded, "{task}: {count} texts were longer than max_length={max_length} tokens and "
                               "were truncated ({per_split_of}); raise --max-length (up to {limit}) to keep more.",
-                              max_length=max_length, limit=tokenizer.model_max_length)
+                              task=self.name, max_length=max_length, limit=tokenizer.model_max_length)
 
     def collator(self, tokenizer, cfg):
         from transformers import DataCollatorWithPadding
