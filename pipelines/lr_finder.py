@@ -19,7 +19,6 @@ import copy
 import math
 from pathlib import Path
 
-import torch
 
 from pipelines.errors import UserError
 
@@ -152,7 +151,7 @@ def range_test(cfg, task, start: float, end: float, steps: int) -> dict:
 
     from pipelines.accelerator import make_accelerator
     from pipelines.distributed import prepare_engine
-    from pipelines.trainer import optimization
+    from pipelines.optimization import optimization
     from pipelines.tuning import plan_tuning
 
     if not 0 < start < end:

@@ -9,43 +9,23 @@ DDP/FSDP/DeepSpeed, mixed precision and checkpoint state; the task supplies the 
 from __future__ import annotations
 
 import functools
-import json
-import math
 import re
-import time
 
 import torch
 
 from pipelines import checkpoints, evaluation_loop
 from pipelines.accelerator import make_accelerator
-from pipelines.batching import EpochShuffleSampler, padding_share
 from pipelines.config import RunConfig, config_hash, snapshot
 from pipelines.distributed import parameter_fingerprints, prepare_engine
 from pipelines.errors import UserError
-from pipelines.evaluation_loop import eval_loader, loader_args, model_inputs
-from pipelines.files import naming
+from pipelines.evaluation_loop import eval_loader
+from pipelines.optimization import optimization
 from pipelines.output_folder import OutputFolder
+from pipelines.run_log import LossMeter, RunLog
 from pipelines.run_outputs import publish_run, write_run_outputs
 from pipelines.tuning import plan_tuning
 
 LOWER_IS_BETTER = re.compile(r"(loss|wer|cer|error)$")
-
-
-def lr_schedule(name: str, optimizer, warmup: int, total: int):
-    """transformers' get_scheduler "linear", "cosine" and "constant", same formulas, on torch's LambdaLR: importing
-    transformers.optimization imports transformers.trainer_utils and with it peft: 0.3-1 s of start-up for nothing."""
-
-    def factor(step: int) -> float:
-        if name == "constant":
-            return 1.0
-        if step < warmup:
-            return float(step) / float(max(1, warmup))
-        progress = float(step - warmup) / float(max(1, total - warmup))
-        if name == "cosine":
-            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
-        return max(0.0, float(total - step) / float(max(1, total - warmup)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def greater_is_better(task, metric: str) -> bool:
@@ -77,86 +57,6 @@ def metric_value(metrics: dict, metric: str) -> float:
         raise UserError(f"--metric-for-best {metric} is not a metric of this recipe; "
                         f"choose one of: {', '.join(k for k in metrics if k != 'samples')}")
     return metrics[metric]
-
-
-def optimization(accelerator, plan, train, collate, cfg: RunConfig) -> tuple:
-    """(train loader, optimizer, scheduler, total optimizer steps, epochs), none of them prepared yet."""
-    acc = accelerator
-    lengths = train["length"] if cfg.group_by_length and "length" in train.column_names else None
-    sampler = EpochShuffleSampler(len(train), cfg.seed, cfg.batch_size, lengths)
-    train_loader = torch.utils.data.DataLoader(model_inputs(train), batch_size=cfg.batch_size, sampler=sampler,
-                                               **loader_args(cfg, collate))
-    # Fused AdamW: one kernel per parameter instead of a dozen ops (MiniLM on CPU: 0.03 s a step, not 0.28 s);
-    # transformers.Trainer's default too. Left to torch where an engine wraps the parameters (FSDP, DeepSpeed).
-    fused = acc.distributed_type.name not in ("FSDP", "DEEPSPEED") and acc.device.type in ("cpu", "cuda")
-    optimizer = torch.optim.AdamW(plan.param_groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                  fused=fused or None)
-    updates_per_epoch = math.ceil(math.ceil(len(train) / (cfg.batch_size * acc.num_processes)) / cfg.gradient_accumulation_steps)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * updates_per_epoch))
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
-    # A prepared scheduler steps once per process each call, so its horizon counts every process.
-    scheduler = lr_schedule(cfg.lr_scheduler, optimizer, warmup * acc.num_processes, total_steps * acc.num_processes)
-    return train_loader, optimizer, scheduler, total_steps, math.ceil(total_steps / updates_per_epoch)
-
-
-class LossMeter:
-    """The training loss and padding share since the last log line; the loss stays a tensor (no device sync on
-    every step) until `record` reads it, reduced over the processes."""
-
-    def __init__(self, accelerator, pad_id):
-        self.accelerator, self.pad_id = accelerator, pad_id
-        self.reset()
-        self.pads, self.tokens = 0, 0  # over the whole run
-
-    def reset(self) -> None:
-        self.loss, self.batches = torch.zeros((), device=self.accelerator.device), 0
-        self.started = time.perf_counter()
-
-    def add(self, batch, loss) -> None:
-        pads, tokens = padding_share(batch, self.pad_id)
-        self.pads, self.tokens = self.pads + pads, self.tokens + tokens
-        self.loss += loss.detach().float()
-        self.batches += 1
-
-    def record(self, step: int, epoch: int, learning_rate: float, batch_size: int) -> dict:
-        acc = self.accelerator
-        record = {"step": step, "epoch": epoch, "train_loss": acc.reduce(self.loss / self.batches, "mean").item(),
-                  "learning_rate": learning_rate,
-                  "padding_share": float(self.pads) / self.tokens if self.tokens else None,
-                  "examples_per_second": self.batches * batch_size * acc.num_processes / (time.perf_counter() - self.started)}
-        self.reset()
-        return record
-
-
-class RunLog:
-    """The run's log: metrics.jsonl in the work folder, and TensorBoard when it is installed (main process)."""
-
-    def __init__(self, accelerator, folder: OutputFolder):
-        self.accelerator, self.folder = accelerator, folder
-
-    def start(self, cfg: RunConfig) -> None:
-        acc = self.accelerator
-        if acc.is_main_process and acc.log_with:
-            scalars = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
-            acc.init_trackers("tensorboard", config=scalars)
-
-    def __call__(self, record: dict) -> None:
-        acc = self.accelerator
-        if acc.is_main_process:
-            with naming(self.folder.log_path), open(self.folder.log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            if acc.log_with:
-                scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
-                acc.log(scalars, step=record["step"])
-
-    def unfreeze_stage(self, plan, step: int, epoch: int, when: str) -> None:
-        """Every parameter requires grad under gradual unfreezing (DDP-safe), so the run's trainable count says
-        "all": say what the optimizer really moves from this stage on."""
-        mask = plan.mask
-        now = mask.trainable_now()
-        self.accelerator.print(f"gradual unfreezing: stage {mask.stage} {when}: {now:,} of {plan.total_params:,} "
-                               f"parameters train ({100.0 * now / max(plan.total_params, 1):.2f}%)")
-        self({"step": step, "epoch": epoch, "unfreeze_stage": mask.stage, "trainable_params_now": now})
 
 
 def non_finite_message(step: int, epoch: int, loss, kept_checkpoint) -> str:
