@@ -1,5 +1,6 @@
 """The evaluated model of scripts/evaluate_model.py when it is not a plain model: a LoRA adapter (an output folder or a
-Hub repo holding adapter_config.json) and its base, and the labels of the evaluated model (its config's id2label).
+Hub repo holding adapter_config.json) and its base, and the labels of the evaluated model (its config's id2label; for
+an adapter, the run's config stored with it in model_config/, pipelines/adapter_files.py).
 Hub files are looked up with one-line errors for a missing repo or revision and an unreachable Hub."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 
+from pipelines.adapter_files import MODEL_CONFIG_DIR
 from pipelines.errors import UserError
 
 
@@ -109,26 +111,46 @@ def adapter_base(model: str, cfg=None) -> str | None:
                         "is it a peft adapter?") from None
 
 
+def adapter_model_config(cfg, on_hub: bool) -> tuple[str, str, dict] | None:
+    """The run's model config stored with the adapter cfg.model (labels, head size, a task's own fields):
+    (local path, how messages name it, its values), or None. model_config/config.json (pipelines/adapter_files.py),
+    else config.json beside the adapter (folders written with the base weights beside the adapter)."""
+    for name in (f"{MODEL_CONFIG_DIR}/config.json", "config.json"):
+        path = _hub_file(cfg.model, name, cfg.revision) if on_hub else os.path.join(os.path.expanduser(cfg.model), name)
+        if path and os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    return path, f"{cfg.model}/{name}" if on_hub else path, json.load(f)
+            except (OSError, ValueError) as e:
+                raise UserError(f"could not read {path}: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
+    return None
+
+
+def apply_model_config(model, stored: dict | None) -> None:
+    """Give the base model built for an adapter the run's own config fields that the base's config lacks (e.g. a
+    regression's target_mean/target_std, a multi-label threshold): the recipe reads them from the model's config."""
+    config = getattr(model, "config", None)
+    for key, value in (stored or {}).items():
+        if config is not None and not key.startswith("_") and not hasattr(config, key):
+            setattr(config, key, value)
+
+
 def model_labels(cfg, base: str | None, on_hub: bool):
-    """The evaluated model's labels (pipelines.labels.ModelLabels): id2label of its config.json. For an adapter,
-    the run's fine-tuned config.json beside it (a LoRA run saves one: labels, head size), else the base's."""
+    """The evaluated model's labels (pipelines.labels.ModelLabels): id2label of its config. For an adapter, the run's
+    config stored with it (adapter_model_config: labels, head size), else the base's."""
     from transformers import AutoConfig
 
     from pipelines.models import load_processor, resolve_model
     from pipelines.labels import ModelLabels
 
-    folder = os.path.expanduser(cfg.model)
     if base:
-        path = os.path.join(folder, "config.json") if not on_hub else _hub_file(cfg.model, "config.json", cfg.revision)
-        if path and os.path.isfile(path):
-            try:
-                with open(path, encoding="utf-8") as f:
-                    config = json.load(f)
-            except (OSError, ValueError) as e:
-                raise UserError(f"could not read {path}: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
+        found = adapter_model_config(cfg, on_hub)
+        if found:
+            path, name, config = found
             id2label = config.get("id2label") or {i: f"LABEL_{i}" for i in range(int(config.get("num_labels", 2)))}
             names = [str(id2label[key]) for key in sorted(id2label, key=int)]
-            return ModelLabels(names, path if not on_hub else f"{cfg.model}/config.json", from_adapter=True)
+            # A folder's file by its path: a recipe reads its own fields there (e.g. multilabel's threshold).
+            return ModelLabels(names, path if not on_hub else name, from_adapter=True)
         source, revision = base, None
     else:
         source, revision = cfg.model, cfg.revision

@@ -14,6 +14,10 @@ import os
 import re
 from pathlib import Path
 
+from pipelines.card_training import ADAPTER_METHODS, hyperparameters, two_stage_rate, unfreeze_schedule
+from pipelines.adapter_files import adapter_snippet, size_text
+from pipelines.options import ADAPTER_STRATEGIES
+
 TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "model_card.md.j2"
 
 # embedded:NAME (pipelines/models.py EMBEDDED_MODELS) -> the Hub model the package ships.
@@ -109,40 +113,6 @@ def dataset_facts(cfg) -> dict:
             "text": f"[{source}](https://huggingface.co/datasets/{source}){config}"}
 
 
-def hyperparameters(cfg, summary: dict, num_processes: int = 1, adapter: dict | None = None) -> list[tuple]:
-    """(name, value) rows for the card: a whitelist of fields, so nothing secret can slip in."""
-    rows = [("learning rate", cfg.learning_rate)]
-    if cfg.head_learning_rate:
-        rows.append(("head learning rate", cfg.head_learning_rate))
-    if cfg.layer_lr_decay != 1.0:
-        rows.append(("layer-wise LR decay", cfg.layer_lr_decay))
-    warmup = f"{cfg.warmup_steps} steps" if cfg.warmup_steps is not None else f"{cfg.warmup_ratio:.0%} of the steps"
-    no_warmup = cfg.warmup_steps == 0 or (cfg.warmup_steps is None and not cfg.warmup_ratio)
-    rows += [("LR schedule", cfg.lr_scheduler + ("" if no_warmup else f", warm-up {warmup}")), ("optimizer", f"AdamW, weight decay {cfg.weight_decay:g}"),
-             ("batch size", f"{cfg.batch_size} per device x {num_processes} device(s) x {cfg.gradient_accumulation_steps} "
-                            f"accumulation = {cfg.batch_size * num_processes * cfg.gradient_accumulation_steps}"),
-             ("training length", f"{cfg.max_steps} steps" if cfg.max_steps else f"{cfg.num_epochs:g} epoch(s)"),
-             ("optimizer steps", summary.get("global_step")),
-             ("gradient clipping (max norm)", cfg.max_grad_norm or "off"),
-             ("mixed precision", cfg.mixed_precision), ("seed", cfg.seed)]
-    if cfg.max_length:
-        rows.append(("max input length", cfg.max_length))
-    if cfg.max_target_length:
-        rows.append(("max target length", cfg.max_target_length))
-    if cfg.tuning == "last-n":
-        rows.append(("layers trained (last N)", cfg.unfreeze_last_n))
-    if cfg.tuning == "gradual":
-        rows.append(("unfreeze one more layer every", f"{cfg.unfreeze_every} {cfg.unfreeze_unit}(s)"))
-    if cfg.tuning == "lora":
-        targets = (adapter or {}).get("target_modules") or cfg.lora_target_modules
-        rows += [("LoRA rank r", cfg.lora_r), ("LoRA alpha", cfg.lora_alpha), ("LoRA dropout", cfg.lora_dropout),
-                 ("LoRA target modules", ", ".join(sorted(targets)) if targets else "per architecture")]
-    if cfg.metric_for_best or summary.get("best_checkpoint"):
-        rows.append(("model selection", f"best {summary.get('metric_for_best')} on validation" if cfg.load_best_at_end
-                     and cfg.save_checkpoints else "final weights"))
-    return rows
-
-
 def _py(value) -> str:
     """A Python literal with double-quoted strings (JSON string syntax is valid Python)."""
     if isinstance(value, str):
@@ -152,14 +122,24 @@ def _py(value) -> str:
     return repr(value)
 
 
+def has_custom_code(folder) -> bool:
+    """The folder's config.json maps its classes to code stored beside it (`auto_map`), which transformers runs
+    only when asked with trust_remote_code=True."""
+    try:
+        return bool(json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")).get("auto_map"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def usage_snippet(recipe, model_ref: str, adapter: bool, *, example_file: str | None = None, on_hub: bool = False,
-                  revision: str | None = None, clone_url: str | None = None) -> str:
+                  revision: str | None = None, clone_url: str | None = None, folder=None) -> str:
     """Python that loads the model with transformers' pipeline and prints one prediction.
 
     `model_ref` is a Hub repo id (`on_hub`, at branch `revision`) or a folder path. `example_file` is the
     task's input stored with the model (recipe.example_file): downloaded with hf_hub_download from the Hub,
     else read from the folder; without it the snippet passes recipe.card_example. `clone_url`: the model is
-    in a git repository, cloned (at `revision`) first.
+    in a git repository, cloned (at `revision`) first. `folder`: the run's folder, whose files say how an adapter
+    loads (pipelines/adapter_files.py adapter_snippet).
     """
     lines = []
     if clone_url:  # the branch always: a bare remote's HEAD may name a branch that does not exist
@@ -170,10 +150,15 @@ def usage_snippet(recipe, model_ref: str, adapter: bool, *, example_file: str | 
     if example_file and on_hub:
         lines.append("from huggingface_hub import hf_hub_download")
     hub_revision = f", revision={_py(revision)}" if on_hub and revision else ""
-    imports, make_pipe = recipe.card_pipeline(f"{_py(model_ref)}{hub_revision}")
-    lines += [*imports, ""]
-    if adapter:
-        # The folder's config.json carries the labels: no id2label to pass.
+    # An adapter-only folder: the run's config (labels) is loaded first (pipelines/adapter_files.py).
+    default_pipeline = getattr(type(recipe).card_pipeline, "__qualname__", "") == "Recipe.card_pipeline"
+    setup = adapter_snippet(folder, _py(model_ref), hub_revision, default_pipeline) if adapter and folder else None
+    setup_imports, setup_lines, source = setup or ([], [], f"{_py(model_ref)}{hub_revision}")
+    if folder and not adapter and has_custom_code(folder):  # e.g. --pooling mean (pipelines/pooled_models.py)
+        source += ", trust_remote_code=True"
+    imports, make_pipe = recipe.card_pipeline(source)
+    lines += [*imports, *setup_imports, "", *setup_lines]
+    if adapter and not setup:  # an older adapter folder, with the base weights and config.json beside it
         lines.append("# A LoRA adapter: transformers (with peft installed) loads the base weights and config")
         lines.append("# stored beside it, then the adapter and the trained head.")
     lines += make_pipe
@@ -242,7 +227,7 @@ def build_card(cfg, recipe, summary: dict, report: dict, out_dir, *, id2label: d
     tag = recipe.pipeline_tag
     adapter_file = out / "adapter_config.json"
     adapter = json.loads(adapter_file.read_text(encoding="utf-8")) if adapter_file.is_file() else None
-    is_adapter = cfg.tuning == "lora" or adapter is not None
+    is_adapter = cfg.tuning in ADAPTER_STRATEGIES or adapter is not None
     base = base_model_facts(cfg.model)
     data = dataset_facts(cfg)
     model_name = repo_id.split("/")[-1] if repo_id else Path(model_ref).resolve().name
@@ -287,8 +272,11 @@ def build_card(cfg, recipe, summary: dict, report: dict, out_dir, *, id2label: d
         adapter_base=_adapter_base_text(adapter_base, base),
         merged=bool(is_adapter and cfg.merge_lora and (out / "merged").is_dir()),
         unfreeze_last_n=cfg.unfreeze_last_n,
-        unfreeze_every=cfg.unfreeze_every,
-        unfreeze_unit=cfg.unfreeze_unit,
+        unfreeze_schedule=unfreeze_schedule(cfg),
+        two_stage_share=f"{cfg.two_stage_fraction:.0%}",
+        two_stage_rate=f"{two_stage_rate(cfg):g} (the top layer; the others scaled alike)",
+        adapter_method=ADAPTER_METHODS.get(cfg.tuning, "").format(r=cfg.lora_r, alpha=cfg.lora_alpha)
+        + (", rank-stabilised scaling" if cfg.use_rslora and cfg.tuning != "ia3" else ""),
         lora_r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         trainable_params=f"{trainable:,}" if isinstance(trainable, int) else "?",
@@ -306,7 +294,8 @@ def build_card(cfg, recipe, summary: dict, report: dict, out_dir, *, id2label: d
         normalization=report.get("normalization"),
         plots=report.get("plots", {}),
         usage=usage_snippet(recipe, model_ref, is_adapter, example_file=example_file, on_hub=bool(repo_id),
-                            revision=revision, clone_url=None if repo_id else clone_url),
+                            revision=revision, clone_url=None if repo_id else clone_url, folder=out),
+        adapter_size=size_text(summary) if is_adapter else None,
         max_length=cfg.max_length,
         versions=[(k, v) for k, v in snap["versions"].items() if v] + [("python", snap["python"])],
         config_hash=report.get("config_hash"),

@@ -43,6 +43,11 @@ def main(argv=None, recipes: dict | None = None) -> int:
         cfg = parse_args(argv if argv is not None else sys.argv[1:], RECIPES)
         from pipelines.trainer import train
 
+        if cfg.learning_rate_search is not None:  # --learning-rate auto
+            from pipelines.lr_finder import choose_learning_rate
+
+            choose_learning_rate(cfg, RECIPES[cfg.recipe])
+
         summary = train(cfg, RECIPES[cfg.recipe])
         if is_main_process():
             print(done_line(cfg, RECIPES[cfg.recipe], summary))
@@ -194,3 +199,14 @@ def find_lr_main(argv, recipes: dict | None = None) -> int:
         (("--end-lr",), dict(type=float, default=1.0, help="last rate of the sweep (default 1)")),
         (("--num-steps",), dict(type=int, default=100, help="optimizer steps of the sweep, one batch each (default 100)"))],
         "lr_find.json and lr_find.png", find_lr)
+
+
+def compare_main(argv, recipes: dict | None = None) -> int:
+    """scripts/compare.py: the options of scripts/run.py plus --strategies, --train-sizes and --seeds
+    (pipelines/comparison.py)."""
+    from pipelines.comparison import DESCRIPTION, OPTIONS, compare
+
+    RECIPES = recipes if recipes is not None else registered()
+    return script_with_own_options(argv, RECIPES, "compare.py", DESCRIPTION, OPTIONS,
+                                   "the runs, comparison.md/.json and the plots",
+                                   lambda cfg, known: compare(cfg, known, list(argv), RECIPES))

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from pipelines.errors import UserError, closest
 from pipelines.help import build_parser, format_help
-from pipelines.options import (FIELDS, TUNING_STRATEGIES, RunConfig, coerce, coerce_value, read_yaml, snake,
+from pipelines.options import (FIELDS, STRATEGY_DEFAULTS, TUNING_STRATEGIES, RunConfig, coerce, coerce_value, read_yaml, snake,
                                task_options)
 
 BRANCH = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]*(?<![./])$")  # a git branch name, without the odd cases
@@ -96,9 +96,17 @@ def parse_args(argv, recipes: dict) -> RunConfig:
     values: dict = {}
     extra: dict = {name: spec.default for name, spec in own.items()}
     layers = [("recipe defaults", recipe.defaults), (f"config {cli.get('config', '')}".strip(), yaml_values), ("command line", cli)]
+    tuning = next((v for _, layer in reversed(layers) for k, v in layer.items() if snake(k) == "tuning"), RunConfig.tuning)
+    strategy = STRATEGY_DEFAULTS.get(tuning, {})  # an unknown strategy fails in validate(), with its suggestion
+    layers.insert(1, (f"--tuning {tuning} defaults", strategy))
+    auto_rate = False  # --learning-rate auto: the range test picks it before training (pipelines/lr_finder.py)
     for source, layer in without_shadowed(layers):
         for raw_key, value in layer.items():
             key = snake(raw_key).removeprefix("extra__")
+            if key == "learning_rate":
+                auto_rate = isinstance(value, str) and value.strip().lower() == "auto"
+                if auto_rate:  # the rate below stays as the sweep's reference (groups keep their ratios to it)
+                    continue
             if key in FIELDS:
                 values[key] = coerce(key, value, source)
             elif key in own:
@@ -107,7 +115,9 @@ def parse_args(argv, recipes: dict) -> RunConfig:
                 raise UserError(f"{source}: option '{key}' belongs to another recipe, not '{recipe_name}'")
             else:
                 raise UserError(f"{source}: unknown option '{raw_key}'.{closest(key, list(FIELDS) + list(own))}")
-    cfg = RunConfig(**values, extra=extra)
+    set_above = {snake(k) for _, layer in layers[2:] for k in layer}
+    cfg = RunConfig(**values, extra=extra, strategy_defaults=sorted(set(strategy) - set_above),
+                    learning_rate_search={"requested": "auto"} if auto_rate else None)
     cfg.recipe = recipe_name
     if cfg.output_dir is None:
         cfg.output_dir = os.path.join("outputs", recipe_name)
@@ -133,8 +143,12 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.lr_scheduler in ("linear", "cosine", "constant"), f"--lr-scheduler must be linear, cosine or constant, not {cfg.lr_scheduler!r}")
     need(cfg.tuning in TUNING_STRATEGIES, f"--tuning must be one of {', '.join(TUNING_STRATEGIES)}, not {cfg.tuning!r}.{closest(cfg.tuning, TUNING_STRATEGIES)}")
     need(cfg.mixed_precision in ("no", "fp16", "bf16"), f"--mixed-precision must be no, fp16 or bf16, not {cfg.mixed_precision!r}")
+    need(cfg.pooling in ("auto", "cls", "pooler", "mean"), f"--pooling must be auto, cls, pooler or mean, not {cfg.pooling!r}")
+    need(cfg.head_epochs >= 1, f"--head-epochs must be at least 1, got {cfg.head_epochs}")
     need(cfg.unfreeze_last_n >= 0, "--unfreeze-last-n must not be negative")
-    need(cfg.unfreeze_every >= 1, "--unfreeze-every must be at least 1")
+    need(cfg.unfreeze_every is None or cfg.unfreeze_every >= 1, "--unfreeze-every must be at least 1")
+    need(0 < cfg.two_stage_fraction < 1, f"--two-stage-fraction must be in (0, 1), got {cfg.two_stage_fraction}")
+    need(cfg.two_stage_learning_rate is None or cfg.two_stage_learning_rate > 0, "--two-stage-learning-rate must be positive")
     need(cfg.unfreeze_unit in ("epoch", "step"), "--unfreeze-unit must be epoch or step")
     need(cfg.lora_r >= 1, "--lora-r must be at least 1")
     need(0 <= cfg.validation_fraction < 1, "--validation-fraction must be in [0, 1)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from pipelines.errors import UserError
+from pipelines.options import ADAPTER_STRATEGIES
 
 
 def engine(accelerator) -> str:
@@ -53,7 +54,7 @@ def prepare_engine(accelerator, plan, cfg) -> None:
         raise UserError(f"--tuning {cfg.tuning} freezes some parameters, which FSDP1 can only shard with "
                         "fsdp_use_orig_params: true; set it in the Accelerate config, or use fsdp_version: 2 "
                         "(recipes/accelerate/fsdp.yaml)")
-    if cfg.merge_lora and cfg.tuning == "lora" and shards_parameters(accelerator):
+    if cfg.merge_lora and cfg.tuning in ADAPTER_STRATEGIES and shards_parameters(accelerator):
         raise UserError(f"--merge-lora cannot merge adapters into weights sharded by {name}; train without it and "
                         "merge the saved adapter afterwards on one process (peft's merge_and_unload)")
     if kind == "DEEPSPEED":

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from pipelines import evaluation_loop
 from pipelines.accelerator import make_accelerator
-from pipelines.adapters import adapter_base, load_adapter, model_labels
+from pipelines.adapter_files import MODEL_CONFIG_DIR
+from pipelines.adapters import adapter_base, adapter_model_config, apply_model_config, load_adapter, model_labels
 from pipelines.errors import UserError
 from pipelines.output_folder import FINISHED_MARKER
 
@@ -55,7 +56,11 @@ class Evaluator:
         if split == "test" and not cfg.test_split:
             cfg = dataclasses.replace(cfg, test_split="test")  # e.g. sentiment, whose default is no test split
         # This evaluation's own task object (the registered one stays unchanged); setup gives it the model's labels.
-        self.cfg, self.recipe, self.split, self.out = cfg, recipe.for_run(cfg, evaluating=True), split, out
+        # A task that picks its implementation from the model's config (ASR: CTC or Whisper) reads, for an adapter
+        # folder, the run's config stored beside the adapter (pipelines/adapter_files.py).
+        stored = model_dir / MODEL_CONFIG_DIR
+        picked = dataclasses.replace(cfg, model=str(stored)) if (stored / "config.json").is_file() else cfg
+        self.cfg, self.recipe, self.split, self.out = cfg, recipe.for_run(picked, evaluating=True), split, out
         self.accelerator = make_accelerator(cfg)
 
     def setup(self) -> None:
@@ -78,6 +83,8 @@ class Evaluator:
             base_cfg = dataclasses.replace(cfg, model=base, revision=None if on_hub else cfg.revision) if base else cfg
             model, self.processor = recipe.load(base_cfg, splits)
             if base:
+                found = adapter_model_config(cfg, on_hub)  # the run's own config fields, e.g. a regression's scale
+                apply_model_config(model, found[2] if found else None)
                 model = load_adapter(model, cfg, on_hub, trained_head=recipe.model_labels is not None)
             encoded = recipe.preprocess(splits, self.processor, cfg)
         self.raw_split = splits[self.split]

@@ -10,7 +10,7 @@ import shutil
 import textwrap
 
 from pipelines.errors import UserError, closest
-from pipelines.options import FIELDS, TUNING_STRATEGIES, field_type, read_yaml, task_options
+from pipelines.options import FIELDS, STRATEGY_DEFAULTS, TUNING_STRATEGIES, field_type, read_yaml, task_options
 
 # One line of --help per RunConfig field: what it does, its unit or choices. The default comes from the
 # dataclass (or the recipe) and is added by build_parser. tests/test_help.py fails on a field without an entry.
@@ -51,7 +51,8 @@ HELP = {
     "batch_size": "training examples per batch, per process",
     "eval_batch_size": "evaluation examples per batch, per process; null: --batch-size",
     "gradient_accumulation_steps": "batches per optimizer step (effective batch = batch size x this x processes)",
-    "learning_rate": "peak learning rate of the AdamW optimizer",
+    "learning_rate": "peak learning rate of the AdamW optimizer; auto: run the learning-rate range test first "
+                     "(as scripts/find_lr.py) and train at its suggestion",
     "head_learning_rate": "the new task head's own learning rate (discriminative LR); default: --learning-rate",
     "layer_lr_decay": "layer-wise LR decay in (0, 1]: layer k from the top trains at lr x decay^k; 1 turns it off",
     "lr_scheduler": "learning-rate schedule after warmup: linear | cosine | constant",
@@ -65,15 +66,31 @@ HELP = {
     "pad_to_multiple_of": "pad each batch's length to a multiple of N tokens (tensor-core friendly); null: exact",
     "num_workers": "DataLoader worker processes per process; 0 loads in the main process",
     # strategy
-    "tuning": "transfer-learning strategy: " + " | ".join(TUNING_STRATEGIES),
+    "tuning": "transfer-learning strategy: " + " | ".join(TUNING_STRATEGIES) + ". Unless set, each picks its rates: "
+              + "; ".join(f"{name} " + (", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in rates.items()) or "the recipe's")
+                          for name, rates in STRATEGY_DEFAULTS.items()),
+    "pooling": "feature-extraction: what the head reads: auto (per checkpoint, never custom code) | cls (BERT: "
+               "its pooler trains too) | pooler (BERT's, frozen) | mean (BERT: saved as custom code, loads with "
+               "trust_remote_code; wav2vec2/hubert: their own); sequence, image and audio classification only "
+               "(ner, qa, summarization, asr: the frozen loop)",
+    "head_epochs": "feature-extraction: most epochs of the head on the features computed once; stops after "
+                   "--early-stopping-patience (default 10) epochs without a lower validation loss",
+    "cache_features": "feature-extraction: compute the frozen backbone's features once per split and train the head "
+                      "on them; false: run the frozen backbone at every step (the only way for ner, qa, summarization, asr)",
     "unfreeze_last_n": "last-n: how many of the top layers train (the head always trains)",
-    "unfreeze_every": "gradual: unfreeze one more layer group every N epochs or steps (--unfreeze-unit)",
+    "unfreeze_every": "gradual: unfreeze one more layer group every N epochs or steps (--unfreeze-unit); "
+                      "null: every layer has joined by half of the run",
     "unfreeze_unit": "gradual: unit of --unfreeze-every: epoch | step",
-    "lora_r": "lora: rank of the low-rank update matrices",
-    "lora_alpha": "lora: scaling of the update (effective scale alpha / r)",
-    "lora_dropout": "lora: dropout probability on the adapter's input (0-1)",
-    "lora_target_modules": "lora: module names to adapt, comma-separated (default: per architecture)",
-    "merge_lora": "lora: also save a merged full model in OUTPUT_DIR/merged",
+    "two_stage_fraction": "two-stage: share (0-1) of the optimizer steps in stage 1 (the head and the top "
+                          "--unfreeze-last-n layers); stage 2 trains everything",
+    "two_stage_learning_rate": "two-stage: stage 2's rate for the top layer, the others scaled alike; "
+                               "null: half of --learning-rate",
+    "use_rslora": "lora, dora: scale the update by alpha/sqrt(r) (rank-stabilised LoRA) instead of alpha/r",
+    "lora_r": "lora, dora: rank of the low-rank update matrices",
+    "lora_alpha": "lora, dora: scaling of the update (effective scale alpha / r)",
+    "lora_dropout": "lora, dora: dropout probability on the adapter's input (0-1)",
+    "lora_target_modules": "lora, dora: module names to adapt, comma-separated (default: per architecture)",
+    "merge_lora": "lora, dora, ia3: also save a merged full model in OUTPUT_DIR/merged",
     # evaluation
     "eval_steps": "evaluate every N optimizer steps (default: at the end of every epoch)",
     "metric_for_best": "metric that picks the best checkpoint and drives early stopping; null: the recipe's main metric",
@@ -109,8 +126,9 @@ GROUPS = {
                  "learning_rate", "head_learning_rate", "layer_lr_decay", "lr_scheduler", "warmup_ratio", "warmup_steps",
                  "weight_decay", "max_grad_norm", "mixed_precision", "seed", "group_by_length", "pad_to_multiple_of",
                  "num_workers"],
-    "transfer-learning strategy": ["tuning", "unfreeze_last_n", "unfreeze_every", "unfreeze_unit", "lora_r", "lora_alpha",
-                                   "lora_dropout", "lora_target_modules", "merge_lora"],
+    "transfer-learning strategy": ["tuning", "pooling", "head_epochs", "cache_features", "unfreeze_last_n", "unfreeze_every", "unfreeze_unit", "two_stage_fraction",
+                                   "two_stage_learning_rate", "lora_r", "lora_alpha", "lora_dropout",
+                                   "lora_target_modules", "use_rslora", "merge_lora"],
     "evaluation": ["eval_steps", "metric_for_best", "early_stopping_patience", "bootstrap_samples", "num_beams",
                    "max_new_tokens", "logging_steps"],
     "output and checkpoints": ["output_dir", "save_checkpoints", "keep_checkpoints", "resume", "load_best_at_end",
@@ -122,7 +140,7 @@ GROUPS = {
 _METAVARS = {"recipe": "NAME", "lr_scheduler": "{linear,cosine,constant}", "unfreeze_unit": "{epoch,step}",
              "output_dir": "DIR", "train_file": "FILE", "validation_file": "FILE", "test_file": "FILE",
              "label_names": "A,B,...", "lora_target_modules": "A,B,...", "label_map": "DATA=NAME,..."}
-_CHOICES = {"tuning": TUNING_STRATEGIES, "mixed_precision": ("no", "fp16", "bf16")}
+_CHOICES = {"tuning": TUNING_STRATEGIES, "mixed_precision": ("no", "fp16", "bf16"), "pooling": ("auto", "cls", "pooler", "mean")}
 
 
 def _metavar(kind: type) -> str:
@@ -254,7 +272,8 @@ def build_parser(recipes, recipe=None, prog: str = "run.py", head: argparse.Argu
         usage=" ".join([prog, *head_usage, "[--recipe NAME] [--config FILE.yaml] [--OPTION VALUE ...]"]),
         description="\n\n".join(filter(None, (note, description, _about(objects, names, recipe, chosen)))),
         epilog="Every option can also be a key in --config FILE.yaml (snake_case or kebab-case); a BOOL option alone "
-               "means true. Precedence, lowest first: generic defaults < recipe defaults < --config < flags.",
+               "means true. Precedence, lowest first: generic defaults < recipe defaults < the --tuning strategy's defaults "
+               "< --config < flags.",
         allow_abbrev=False,
         argument_default=argparse.SUPPRESS,  # only what the user typed overrides lower layers
         formatter_class=_HelpFormatter,

@@ -174,3 +174,19 @@ def range_test(cfg, task, start: float, end: float, steps: int) -> dict:
     result.update(tuning=cfg.tuning, trainable_params=plan.trainable_params, total_params=plan.total_params,
                   start_lr=start, end_lr=end, num_steps=steps, batch_size=cfg.batch_size)
     return suggest(result)
+
+
+def choose_learning_rate(cfg, task) -> None:
+    """--learning-rate auto: the range test on this run's set-up (100 steps), then its suggestion as the run's rate,
+    rounded to 2 significant digits; the sweep's facts go to cfg.learning_rate_search (run_config.json, the card).
+    Every process sweeps the same global batches and reads the same losses (reduced), so all pick the same rate."""
+    from pipelines.context import say
+
+    result = range_test(cfg, task, start=1e-7, end=10.0, steps=100)
+    chosen = float(f"{result['learning_rate']:.2g}")
+    cfg.learning_rate_search = {"method": "valley of the smoothed loss (fastai)", "chosen": chosen,
+                                "steepest": result["steepest"], "steps": len(result["learning_rates"]),
+                                "stopped": result["stopped"], "reference_learning_rate": cfg.learning_rate}
+    cfg.learning_rate = chosen
+    say(f"--learning-rate auto: the range test suggests {chosen:g} (valley; steepest descent at {result['steepest']:.2g}, "
+        f"{len(result['learning_rates'])} steps, {result['stopped']}); training at {chosen:g}")

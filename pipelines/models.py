@@ -22,7 +22,11 @@ OFFLINE_HINT = (
 class Architecture:
     layers: tuple  # dotted paths of the ModuleLists of transformer layers, bottom to top ("a|b": either)
     heads: tuple  # modules that are new or task-specific: trained by every strategy
-    lora_targets: tuple  # module names LoRA wraps (peft 0.21 defaults where it has them)
+    lora_targets: tuple  # module names LoRA and DoRA wrap (peft 0.21 defaults where it has them)
+    # IA3's rescaled modules (keys, values, the feed-forward output: peft 0.21's defaults where it has them) and which
+    # of them are feed-forward (IA3 scales their input rather than their output).
+    ia3_targets: tuple = field(default=())
+    ia3_feedforward: tuple = field(default=())
     always_frozen: tuple = field(default=())  # e.g. wav2vec2's convolutional feature encoder
     # True where the "head" is the pretrained output layer (tied to the embeddings), not a new one:
     # LoRA then leaves it frozen instead of copying the whole vocabulary projection into the adapter.
@@ -30,23 +34,29 @@ class Architecture:
 
 
 ARCHITECTURES = {
-    "bert": Architecture(layers=("bert.encoder.layer",), heads=("classifier",), lora_targets=("query", "value")),
-    "roberta": Architecture(layers=("roberta.encoder.layer",), heads=("classifier",), lora_targets=("query", "value")),
+    "bert": Architecture(layers=("bert.encoder.layer",), heads=("classifier",), lora_targets=("query", "value"),
+                         ia3_targets=("key", "value", "output.dense"), ia3_feedforward=("output.dense",)),
+    "roberta": Architecture(layers=("roberta.encoder.layer",), heads=("classifier",), lora_targets=("query", "value"),
+                            ia3_targets=("key", "value", "output.dense"), ia3_feedforward=("output.dense",)),
     "t5": Architecture(layers=("encoder.block", "decoder.block"), heads=("lm_head",), lora_targets=("q", "v"),
-                       pretrained_head=True),
+                       ia3_targets=("k", "v", "wo"), ia3_feedforward=("wo",), pretrained_head=True),
     "wav2vec2": Architecture(
         layers=("wav2vec2.encoder.layers",), heads=("lm_head",), lora_targets=("q_proj", "v_proj"),
+        ia3_targets=("k_proj", "v_proj", "output_dense"), ia3_feedforward=("output_dense",),
         always_frozen=("wav2vec2.feature_extractor",),
     ),
     "hubert": Architecture(
         layers=("hubert.encoder.layers",), heads=("lm_head",), lora_targets=("q_proj", "v_proj"),
+        ia3_targets=("k_proj", "v_proj", "output_dense"), ia3_feedforward=("output_dense",),
         always_frozen=("hubert.feature_extractor",),
     ),
     "whisper": Architecture(
         layers=("model.encoder.layers|encoder.layers", "model.decoder.layers|"), heads=("proj_out",),
-        lora_targets=("q_proj", "k_proj", "v_proj", "out_proj"), pretrained_head=True,
+        lora_targets=("q_proj", "k_proj", "v_proj", "out_proj"), ia3_targets=("k_proj", "v_proj", "fc2"),
+        ia3_feedforward=("fc2",), pretrained_head=True,
     ),
-    "vit": Architecture(layers=("vit.layers|vit.encoder.layer",), heads=("classifier",), lora_targets=("q_proj", "v_proj")),
+    "vit": Architecture(layers=("vit.layers|vit.encoder.layer",), heads=("classifier",), lora_targets=("q_proj", "v_proj"),
+                        ia3_targets=("k_proj", "v_proj", "fc2"), ia3_feedforward=("fc2",)),
 }
 # Families that share a layout with one above.
 for _alias, _base in {"xlm-roberta": "roberta", "camembert": "roberta", "mt5": "t5"}.items():

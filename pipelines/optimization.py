@@ -12,11 +12,15 @@ from pipelines.evaluation_loop import loader_args, model_inputs
 from pipelines.options import RunConfig
 
 
-def lr_schedule(name: str, optimizer, warmup: int, total: int):
+def lr_schedule(name: str, optimizer, warmup: int, total: int, stage_factor=None, num_processes: int = 1):
     """transformers' get_scheduler "linear", "cosine" and "constant", same formulas, on torch's LambdaLR: importing
     transformers.optimization imports transformers.trainer_utils and with it peft: 0.3-1 s of start-up for nothing."""
 
     def factor(step: int) -> float:
+        # A staged strategy's multiplier (two-stage: the lower second rate), by optimizer step.
+        return schedule(step) * (stage_factor(step // num_processes) if stage_factor else 1.0)
+
+    def schedule(step: int) -> float:
         if name == "constant":
             return 1.0
         if step < warmup:
@@ -45,5 +49,8 @@ def optimization(accelerator, plan, train, collate, cfg: RunConfig) -> tuple:
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * updates_per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps)
     # A prepared scheduler steps once per process each call, so its horizon counts every process.
-    scheduler = lr_schedule(cfg.lr_scheduler, optimizer, warmup * acc.num_processes, total_steps * acc.num_processes)
+    if plan.mask is not None:  # staged strategies spread their stages over the run
+        plan.mask.fit_to(total_steps)
+    scheduler = lr_schedule(cfg.lr_scheduler, optimizer, warmup * acc.num_processes, total_steps * acc.num_processes,
+                            plan.mask.lr_factor if plan.mask is not None else None, acc.num_processes)
     return train_loader, optimizer, scheduler, total_steps, math.ceil(total_steps / updates_per_epoch)

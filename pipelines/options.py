@@ -16,7 +16,26 @@ from typing import Any, NamedTuple, Optional
 
 from pipelines.errors import UserError
 
-TUNING_STRATEGIES = ("full", "feature-extraction", "last-n", "gradual", "lora")
+TUNING_STRATEGIES = ("full", "feature-extraction", "last-n", "gradual", "two-stage", "lora", "dora", "ia3")
+# Strategies that train a peft adapter (saved as adapter_*; --merge-lora merges it into the base).
+# two-stage: stage 2's rate when --two-stage-learning-rate is unset, as a share of stage 1's. Half: full fine-tuning
+# of MiniLM on SST-2 is best near 5e-5, half of the layers' 1e-4 default (a third reached 0.837, benchmarks/strategies.py).
+TWO_STAGE_RATE_FACTOR = 0.5
+ADAPTER_STRATEGIES = ("lora", "dora", "ia3")
+# What each strategy sets when the user has not: the learning rates the guides give for what it trains (pretrained
+# layers 1e-5..1e-4, new layers 1e-3..1e-2; LoRA's published recipes 1e-4..1e-3, IA3's 3e-3). A layer above the
+# recipe's defaults and below --config and flags (pipelines/config.py); `full` keeps the recipe's rate.
+# benchmarks/strategies.py measures each on MiniLM / SST-2 (README, "Transfer-learning strategies").
+STRATEGY_DEFAULTS = {
+    "full": {},
+    "feature-extraction": {"head_learning_rate": 1e-3},
+    "last-n": {"learning_rate": 1e-4, "head_learning_rate": 1e-3},
+    "gradual": {"learning_rate": 1e-4, "head_learning_rate": 1e-3},
+    "two-stage": {"learning_rate": 1e-4, "head_learning_rate": 1e-3},
+    "lora": {"learning_rate": 1e-3},  # the adapters and the new head
+    "dora": {"learning_rate": 1e-3},
+    "ia3": {"learning_rate": 3e-3},
+}
 
 
 @dataclass
@@ -71,13 +90,19 @@ class RunConfig:
 
     # Transfer-learning strategy
     tuning: str = "full"
+    pooling: str = "auto"  # feature-extraction: auto | cls | pooler | mean (pipelines/feature_extraction.py)
+    head_epochs: int = 100  # feature-extraction: most epochs of the head on the cached features (early stopping)
+    cache_features: bool = True  # feature-extraction: compute the frozen features once; false: the frozen loop
     unfreeze_last_n: int = 2  # last-n: how many of the top layers train
-    unfreeze_every: int = 1  # gradual: one more layer group every K epochs (or steps)
-    unfreeze_unit: str = "epoch"  # epoch | step
+    unfreeze_every: Optional[int] = None  # gradual: one more layer group every K epochs (or steps); None: spread over half the run
+    unfreeze_unit: str = "epoch"  # epoch | step (of a set --unfreeze-every)
+    two_stage_fraction: float = 0.5  # two-stage: share of the optimizer steps in stage 1 (top layers and head)
+    two_stage_learning_rate: Optional[float] = None  # two-stage: stage 2's rate for the top layer; None: TWO_STAGE_RATE_FACTOR of stage 1's
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.1
     lora_target_modules: Optional[list] = None  # default: per architecture (pipelines/models.py)
+    use_rslora: bool = False  # lora/dora: scale by alpha/sqrt(r) (rank-stabilised LoRA) instead of alpha/r
     merge_lora: bool = False  # also save a merged full model in OUTPUT_DIR/merged
 
     # Evaluation, checkpoints, logging
@@ -110,12 +135,18 @@ class RunConfig:
 
     # The task's own options (its recipe's `Options`), name -> value; a plain dict, as run_config.json stores it
     extra: dict = field(default_factory=dict)
+    # Not an option: the names whose value came from STRATEGY_DEFAULTS (set by pipelines/config.py), for the log,
+    # the card, and so that a strategy's head rate never lands on a pretrained output layer.
+    strategy_defaults: list = field(default_factory=list)
+    # Not an option: what `--learning-rate auto` found (pipelines/lr_finder.py choose_learning_rate), for the record.
+    learning_rate_search: Optional[dict] = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(RunConfig) if f.name != "extra"}
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)
+          if f.name not in ("extra", "strategy_defaults", "learning_rate_search")}
 
 
 def value_type(hint) -> type:

@@ -22,6 +22,7 @@ from pipelines import checkpoints
 from pipelines.config import RunConfig, snapshot
 from pipelines.errors import UserError
 from pipelines.files import is_write_error, write_error, write_json
+from pipelines.options import ADAPTER_STRATEGIES
 from pipelines.run_lock import LOCK_NAME, RunLock
 
 FINISHED_MARKER = "run_summary.json"  # written last: its presence means the folder holds a finished model
@@ -35,7 +36,7 @@ STAGING = ".next-run"
 # processor and adapter files, whichever the new model has or not. Files of other kinds in the folder stay.
 MODEL_PATTERNS = ("*.safetensors*", "pytorch_model*.bin*", "*config.json", "tokenizer*", "special_tokens_map.json",
                   "added_tokens.json", "vocab.*", "merges.txt", "*.model", "chat_template*", "adapter_*", "merged",
-                  "example.*")
+                  "model_config", "example.*")
 SWAP_JOURNAL = ".swap.json"  # what the end-of-run swap moves, and how far it got: a kill is undone from it
 # Bookkeeping of ours in the output folder, never a run's files.
 INTERNAL = (STAGING, ".tmp-final", ".old-final", SWAP_JOURNAL, LOCK_NAME)
@@ -197,21 +198,22 @@ def recover_interrupted_swap(out: Path) -> str | None:
 
 
 def write_final_model(tmp: Path, model, processor, state_dict, cfg: RunConfig) -> None:
-    """The trained model (unwrapped) and its processor into `tmp`, a fresh folder; for LoRA also the base weights
-    and, with --merge-lora, the merged model."""
+    """The trained model (unwrapped) and its processor into `tmp`, a fresh folder. An adapter run writes the adapter
+    alone (no copy of the base weights) with the run's model config in model_config/ (pipelines/adapter_files.py),
+    and with --merge-lora the merged full model in merged/, which pipeline() loads without peft."""
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     # An adapter saves LoRA weights and modules_to_save (the new heads), never the embeddings:
     # peft's "auto" asks for input embeddings, which CTC models do not have.
-    extra = {"save_embedding_layers": False} if cfg.tuning == "lora" else {}
+    extra = {"save_embedding_layers": False} if cfg.tuning in ADAPTER_STRATEGIES else {}
     model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, **extra)
     processor.save_pretrained(tmp)
-    if cfg.tuning == "lora":
-        # Beside the adapter, the base weights and the fine-tuned config.json (labels, head size), so that
-        # pipeline(model=OUTPUT_DIR) loads the run's labels (see save_lora_base).
-        from pipelines.tuning import save_lora_base
+    if cfg.tuning in ADAPTER_STRATEGIES:
+        # The run's config (labels, head size) beside the adapter, but not as config.json: with one, transformers
+        # would look for full weights in the folder.
+        from pipelines.adapter_files import save_model_config
 
-        save_lora_base(model, tmp, state_dict)
+        save_model_config(model, tmp)
         if cfg.merge_lora:
             merged = model.merge_and_unload()
             merged.save_pretrained(tmp / "merged", safe_serialization=True)

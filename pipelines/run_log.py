@@ -68,6 +68,6 @@ class RunLog:
         "all": say what the optimizer really moves from this stage on."""
         mask = plan.mask
         now = mask.trainable_now()
-        self.accelerator.print(f"gradual unfreezing: stage {mask.stage} {when}: {now:,} of {plan.total_params:,} "
+        self.accelerator.print(f"{mask.name}: stage {mask.stage} {when}: {now:,} of {plan.total_params:,} "
                                f"parameters train ({100.0 * now / max(plan.total_params, 1):.2f}%)")
         self({"step": step, "epoch": epoch, "unfreeze_stage": mask.stage, "trainable_params_now": now})

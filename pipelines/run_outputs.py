@@ -12,9 +12,11 @@ def write_run_outputs(out, summary: dict, log_path, *, cfg, task, split: str, ga
     """eval_report.json/.md and plots for the run's final split (`gathered`: its per-example outputs; `log_path`:
     the run's metrics.jsonl, for the learning curves), the card's example input, then README.md (the model card).
     `model` is the trained model, unwrapped. Adds to `summary` (written next as run_summary.json) what publishing
-    needs to render the card again for another repository: the labels and the number of processes."""
+    needs to render the card again for another repository: the labels, the number of processes and, for an adapter,
+    the bytes of its files (pipelines/adapter_files.py artifact_sizes)."""
     import sys
 
+    from pipelines.adapter_files import artifact_sizes
     from pipelines.cards import write_example_input, write_model_card
     from pipelines.report import write_report
 
@@ -26,6 +28,7 @@ def write_run_outputs(out, summary: dict, log_path, *, cfg, task, split: str, ga
               file=sys.stderr)
     id2label = getattr(getattr(model, "config", None), "id2label", None)  # a peft model gives its base's config
     summary["num_processes"] = num_processes
+    summary.update(artifact_sizes(out))  # an adapter run: adapter_bytes, tokenizer_bytes (and merged_bytes)
     if id2label:  # what the card shows, without loading the model again
         summary["id2label"] = {str(i): name for i, name in id2label.items()}
     write_model_card(out, cfg, task, summary, report, id2label=id2label, num_processes=num_processes)

@@ -23,7 +23,7 @@ from pipelines.optimization import optimization
 from pipelines.output_folder import OutputFolder
 from pipelines.run_log import LossMeter, RunLog
 from pipelines.run_outputs import publish_run, write_run_outputs
-from pipelines.tuning import plan_tuning
+from pipelines.tuning import describe_rates, plan_tuning
 
 LOWER_IS_BETTER = re.compile(r"(loss|wer|cer|error)$")
 
@@ -77,8 +77,9 @@ def run_summary(cfg: RunConfig, plan, train_examples: int, state: dict, metric_f
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, recipe):
+    def __init__(self, cfg: RunConfig, recipe, keep_process_group: bool = False):
         self.cfg = cfg
+        self.keep_process_group = keep_process_group  # see train()
         self.recipe = recipe.for_run(cfg)  # this run's own task object: the registered one stays unchanged
         self.folder = OutputFolder(cfg)  # the lock, where this run's files go, the end-of-run swap
         self.accelerator = make_accelerator(cfg)
@@ -124,6 +125,7 @@ class Trainer:
         collate = self.recipe.collator(self.processor, cfg)
         train_loader, optimizer, scheduler, self.total_steps, self.num_epochs = optimization(
             acc, self.plan, self.encoded["train"], collate, cfg)
+        acc.print(f"{cfg.recipe} ({cfg.tuning}): {describe_rates(cfg, self.plan)}")  # a staged schedule is known now
         eval_loaders = {split: eval_loader(ds, collate, cfg) for split, ds in self.encoded.items() if split != "train"}
         # split -> the longest-first order its loader reads the examples in (None: dataset order)
         self.eval_orders = {split: order for split, (_, order) in eval_loaders.items()}
@@ -186,7 +188,7 @@ class Trainer:
                 state["global_step"] += 1
                 step = state["global_step"]
                 progress.update(1)
-                if mask is not None and cfg.unfreeze_unit == "step" and mask.update(epoch, step):
+                if mask is not None and mask.unit == "step" and mask.update(epoch, step):
                     self.log.unfreeze_stage(self.plan, step, epoch, f"at step {step}")
                 if step % cfg.logging_steps == 0 or step == self.total_steps:
                     record = meter.record(step, epoch, self.scheduler.get_last_lr()[-1], cfg.batch_size)
@@ -268,18 +270,37 @@ class Trainer:
                                     processor=self.processor, model=acc.unwrap_model(self.model),
                                     num_processes=acc.num_processes)
         self.folder.save_final(acc, self.model, self.processor, results, summary, outputs)
-        acc.end_training()
+        end_training(acc, self.keep_process_group)
         if (cfg.push_to_hub or cfg.push_to_git) and acc.is_main_process:
             publish_run(self.folder.out, cfg)
         return summary
 
 
-def train(cfg: RunConfig, recipe) -> dict:
-    trainer = Trainer(cfg, recipe)
+def end_training(acc, keep_process_group: bool) -> None:
+    if keep_process_group:  # more runs follow in this process (scripts/compare.py): close the trackers only
+        for tracker in acc.trackers:
+            tracker.finish()
+    else:
+        acc.end_training()
+
+
+def train(cfg: RunConfig, recipe, keep_process_group: bool = False) -> dict:
+    """One run, start to end. `keep_process_group`: more runs follow in this process (scripts/compare.py), so the
+    end leaves the distributed process group up (a new one in the same process can deadlock on the old one's keys)."""
+    from pipelines import feature_extraction
+
+    trainer = Trainer(cfg, recipe, keep_process_group)
     try:
         trainer.folder.claim(trainer.accelerator, trainer.recipe.main_metric)
         trainer.setup()
-        trainer.loop()
+        # A frozen backbone -> pooled vector -> head model: features once, the head on them (seconds); else the loop.
+        pooling = None
+        if cfg.tuning == "feature-extraction":
+            pooling = feature_extraction.choose_pooling(trainer.accelerator.unwrap_model(trainer.model), cfg, trainer.accelerator)
+        if pooling is not None:
+            feature_extraction.train_head(trainer, pooling)
+        else:
+            trainer.loop()
         return trainer.finish()
     finally:  # on errors and Ctrl-C too
         trainer.folder.release()

@@ -8,11 +8,14 @@ depths 1..L bottom to top, and the task head at depth L+1.
 - feature-extraction: only the head trains.
 - last-n:             the head and the top N layers train.
 - gradual:            the head first, then one more layer every K epochs (or steps), the stem last.
-- lora:               peft LoRA adapters on the architecture's attention modules, plus the head.
-Discriminative learning rates (`--head-learning-rate`, `--layer-lr-decay`) combine with any of them.
+- two-stage:          the head and the top N layers for a share of the steps, then everything at a lower rate.
+- lora, dora:         peft LoRA (DoRA: weight-decomposed) adapters on the architecture's attention modules, plus the head.
+- ia3:                peft IA3 scaling vectors on keys, values and the feed-forward output, plus the head.
+Discriminative learning rates (`--head-learning-rate`, `--layer-lr-decay`) combine with any of them; each strategy's
+default rates are pipelines/options.py STRATEGY_DEFAULTS.
 
-Gradual unfreezing under DDP: changing `requires_grad` after the model is wrapped silently breaks
-gradient sync, so every parameter that will ever train has `requires_grad=True` from the start,
+Staged unfreezing (gradual, two-stage) under DDP: changing `requires_grad` after the model is wrapped silently
+breaks gradient sync, so every parameter that will ever train has `requires_grad=True` from the start,
 and `GradientMask.apply()` drops the gradients of the layers not yet unfrozen just before the
 optimizer step (after DDP's all-reduce). AdamW skips parameters whose grad is None, so those
 layers stay bit-identical until their stage arrives.
@@ -28,6 +31,7 @@ import torch
 
 from pipelines.errors import UserError
 from pipelines.models import ARCHITECTURES, Architecture, architecture, get_module
+from pipelines.options import ADAPTER_STRATEGIES, TWO_STAGE_RATE_FACTOR
 
 PEFT_PREFIX = re.compile(r"^(base_model\.model\.)")
 
@@ -100,24 +104,38 @@ class TuningPlan:
     trainable_params: int
     total_params: int
     peft_task_type: str | None = None
+    head_learning_rate: float | None = None
 
     def describe(self) -> str:
         share = 100.0 * self.trainable_params / max(self.total_params, 1)
         text = f"trainable parameters: {self.trainable_params:,} of {self.total_params:,} ({share:.2f}%)"
         if self.mask is not None:  # all require grad (DDP-safe); the mask decides what the optimizer moves
-            text += f"; gradual unfreezing trains {self.mask.trainable_now():,} of them in stage 1, more as layers join"
+            text += f"; {self.mask.trainable_now():,} of them train in stage 1, more as layers join"
         return text
 
 
 class GradientMask:
-    """Gradual unfreezing: at stage s the head and the top s-1 layers train; the stem trains last."""
+    """Gradual unfreezing: at stage s the head and the top s-1 layers train; the stem trains last.
 
-    def __init__(self, model, depths: dict, num_layers: int, every: int, unit: str):
+    `every` None: the stages are spread in optimizer steps so that every layer has joined by half of the run
+    (set by `fit_to`, once the run's length is known): a one-epoch run unfreezes too, not only its head."""
+
+    name = "gradual unfreezing"
+
+    def __init__(self, model, depths: dict, num_layers: int, every: int | None, unit: str):
         self.params = [(p, depths[n]) for n, p in model.named_parameters() if p.requires_grad]
         self.num_layers = num_layers
         self.every = every
-        self.unit = unit
+        self.unit = unit if every is not None else "step"
         self.stage = 1
+
+    def fit_to(self, total_steps: int) -> None:
+        if self.every is None:
+            self.every = max(1, (total_steps // 2) // (self.num_layers + 1))
+
+    def lr_factor(self, step: int) -> float:
+        """The learning-rate multiplier after `step` optimizer steps (two-stage lowers it for stage 2)."""
+        return 1.0
 
     def update(self, epoch: int, step: int) -> bool:
         """Set the stage from the epoch or optimizer step; True when it changed."""
@@ -129,6 +147,9 @@ class GradientMask:
 
     def lowest_trained_depth(self) -> int:
         return max(self.num_layers + 2 - self.stage, 0)
+
+    def describe_schedule(self) -> str:
+        return f"one more layer every {self.every} {self.unit}(s), the stem last"
 
     def trainable_now(self) -> int:
         """Parameters the optimizer moves at the current stage (requires_grad says all of them, for DDP)."""
@@ -148,37 +169,105 @@ class GradientMask:
         self.stage = state["stage"]
 
 
+class TwoStageMask(GradientMask):
+    """Two-stage fine-tuning: stage 1 trains the head and the top `last_n` layers for `fraction` of the optimizer
+    steps; stage 2 trains everything, every group's rate times `factor` (the lower second rate)."""
+
+    name = "two-stage"
+
+    def __init__(self, model, depths: dict, num_layers: int, last_n: int, fraction: float, factor: float):
+        super().__init__(model, depths, num_layers, every=1, unit="step")
+        self.last_n, self.fraction, self.factor = last_n, fraction, factor
+        self.switch_step = None
+
+    def fit_to(self, total_steps: int) -> None:
+        self.switch_step = max(1, round(self.fraction * total_steps))
+
+    def lr_factor(self, step: int) -> float:
+        return self.factor if step >= self.switch_step else 1.0
+
+    def update(self, epoch: int, step: int) -> bool:
+        stage = 2 if step >= self.switch_step else 1
+        changed, self.stage = stage != self.stage, stage
+        return changed
+
+    def lowest_trained_depth(self) -> int:
+        return 0 if self.stage == 2 else self.num_layers + 1 - self.last_n
+
+    def describe_schedule(self) -> str:
+        return (f"stage 1: the head and the top {self.last_n} layers for {self.switch_step} steps; stage 2: everything, "
+                f"at {self.factor:.3g}x the rates")
+
+
 def _freeze(model, arch: Architecture, depths: dict, lowest_trained_depth: int) -> None:
     for name, p in model.named_parameters():
         p.requires_grad = depths[name] >= lowest_trained_depth and not _is_always_frozen(name, arch)
 
 
-def _apply_lora(model, arch: Architecture, cfg, task_type, task_heads: tuple = ()):
-    from peft import LoraConfig, get_peft_model
+def _apply_adapter(model, arch: Architecture, cfg, task_type, task_heads: tuple = ()):
+    """The peft model of --tuning lora, dora or ia3: adapters on the family's target modules, the new heads saved."""
+    from peft import IA3Config, LoraConfig, get_peft_model
 
-    targets = list(cfg.lora_target_modules or arch.lora_targets)
     present = {n for n, _ in model.named_modules()}
     # A family's pretrained output layer stays frozen; a head the task adds is new whatever the family.
     heads = [h for h in arch.heads if h in present and (h in task_heads or not arch.pretrained_head)]
-    lora_config = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=targets,
-        modules_to_save=heads or None,  # a new head must train, or it stays random
-        task_type=task_type,
-    )
+    if cfg.tuning == "ia3":
+        targets = list(cfg.lora_target_modules or arch.ia3_targets)
+        if not targets:
+            raise UserError(f"--tuning ia3 has no target modules for {model.config.model_type} in pipelines/models.py "
+                            "ARCHITECTURES; name them with --lora-target-modules")
+        adapter_config = IA3Config(target_modules=targets, task_type=task_type, modules_to_save=heads or None,
+                                   feedforward_modules=[t for t in arch.ia3_feedforward if t in targets])
+    else:
+        targets = list(cfg.lora_target_modules or arch.lora_targets)
+        adapter_config = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=targets,
+            modules_to_save=heads or None,  # a new head must train, or it stays random
+            task_type=task_type,
+            use_dora=cfg.tuning == "dora",
+            use_rslora=cfg.use_rslora,
+        )
     try:
-        return get_peft_model(model, lora_config)
+        return get_peft_model(model, adapter_config)
     except ValueError as e:
         # peft words it differently when a module_to_save (the head) matched and no target did.
         if type(e).__name__ == "NoMatchingPeftModuleError" or "not found in the base model" in str(e) or "Target modules" in str(e):
             names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
             raise UserError(
-                f"--lora-target-modules {','.join(targets)} match no module of this {model.config.model_type} model; "
+                f"--tuning {cfg.tuning}: target modules {','.join(targets)} match no module of this {model.config.model_type} model; "
                 f"its linear layers are named: {', '.join(names)}"
             ) from None
         raise
+
+
+def head_learning_rate(cfg, arch: Architecture | None, task_heads: tuple = ()) -> float:
+    """The head's rate: --head-learning-rate, else --learning-rate. A strategy's default head rate (1e-3, for a new
+    head) is never below the layers' rate and never lands on a family's pretrained output layer (T5's lm_head, Whisper's proj_out: tied to the word
+    embeddings); a rate the user set does."""
+    if cfg.head_learning_rate is None:
+        return cfg.learning_rate
+    if "head_learning_rate" in cfg.strategy_defaults:  # the strategy's, for a new head: never below the layers' rate
+        pretrained = arch is not None and arch.pretrained_head and not task_heads
+        return cfg.learning_rate if pretrained else max(cfg.head_learning_rate, cfg.learning_rate)
+    return cfg.head_learning_rate
+
+
+def describe_rates(cfg, plan) -> str:
+    """The rates a run trains at, and which of them the strategy chose (for the log line and the card)."""
+    text = f"learning rate {cfg.learning_rate:g}"
+    if plan.head_learning_rate != cfg.learning_rate:
+        text += f", head {plan.head_learning_rate:g}"
+    if cfg.learning_rate_search and "chosen" in cfg.learning_rate_search:
+        text += " (--learning-rate auto)"
+    if cfg.strategy_defaults:
+        flags = ", ".join("--" + name.replace("_", "-") for name in cfg.strategy_defaults)
+        text += f" (--tuning {cfg.tuning} defaults; set {flags} to override)"
+    if plan.mask is not None:
+        text += f"; {plan.mask.describe_schedule()}"
+    return text
 
 
 def no_weight_decay(name: str, param) -> bool:
@@ -202,12 +291,12 @@ def plan_tuning(model, cfg, peft_task_type: str | None = None, task_heads: tuple
         layer_map = LayerMap(model, arch)
         num_layers = layer_map.num_layers
         depths = {n: layer_map.depth(n, p) for n, p in model.named_parameters()}
-        if num_layers and cfg.tuning == "last-n" and cfg.unfreeze_last_n > num_layers:
+        if num_layers and cfg.tuning in ("last-n", "two-stage") and cfg.unfreeze_last_n > num_layers:
             raise UserError(f"--unfreeze-last-n {cfg.unfreeze_last_n} exceeds the model's {num_layers} layers")
 
     mask = None
-    if cfg.tuning == "lora":
-        model = _apply_lora(model, arch, cfg, peft_task_type, task_heads)
+    if cfg.tuning in ADAPTER_STRATEGIES:
+        model = _apply_adapter(model, arch, cfg, peft_task_type, task_heads)
         for name, p in model.named_parameters():
             if _is_always_frozen(name, arch):
                 p.requires_grad = False
@@ -218,12 +307,17 @@ def plan_tuning(model, cfg, peft_task_type: str | None = None, task_heads: tuple
             "feature-extraction": num_layers + 1,
             "last-n": num_layers + 1 - cfg.unfreeze_last_n,
             "gradual": 0,
+            "two-stage": 0,
         }[cfg.tuning]
         _freeze(model, arch, depths, lowest)
         if cfg.tuning == "gradual":
             mask = GradientMask(model, depths, num_layers, cfg.unfreeze_every, cfg.unfreeze_unit)
+        elif cfg.tuning == "two-stage":
+            second = cfg.two_stage_learning_rate or cfg.learning_rate * TWO_STAGE_RATE_FACTOR
+            mask = TwoStageMask(model, depths, num_layers, min(cfg.unfreeze_last_n, num_layers), cfg.two_stage_fraction,
+                                second / cfg.learning_rate)
 
-    head_lr = cfg.head_learning_rate or cfg.learning_rate
+    head_lr = head_learning_rate(cfg, arch, task_heads)
     groups: dict = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -244,33 +338,4 @@ def plan_tuning(model, cfg, peft_task_type: str | None = None, task_heads: tuple
 
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return TuningPlan(model, param_groups, mask, trainable, total, peft_task_type)
-
-
-def save_lora_base(peft_model, folder, state_dict: dict) -> None:
-    """Write, beside an adapter saved in `folder`, the base weights it applies to and the fine-tuned config.json.
-
-    Without a config.json, transformers' pipeline(model=folder) builds the base named in adapter_config.json
-    with the base's own config: labels come out as LABEL_0, LABEL_1, and a head of another size fails to load.
-    With one, transformers takes the folder for "a model with its adapter": it builds the model from this
-    config and these weights, then loads the adapter (peft's lora_* matrices and the trained head).
-    """
-    peft_model.get_base_model().save_pretrained(folder, state_dict=lora_base_state_dict(state_dict),
-                                                safe_serialization=True)
-
-
-def lora_base_state_dict(state_dict: dict) -> dict:
-    """The weights of the base model under a peft LoRA model (adapters not applied), from its state dict.
-
-    peft 0.21 names them base_model.model.<module>.base_layer.<param> for a wrapped layer and
-    <module>.original_module.<param> for a modules_to_save head (its trained copy, modules_to_save.default,
-    and the lora_* matrices live in the adapter file).
-    """
-    base = {}
-    for name, tensor in state_dict.items():
-        name = name.removeprefix("base_model.model.")
-        parts = name.split(".")
-        if "modules_to_save" in parts or any(part.startswith("lora_") for part in parts):
-            continue
-        base[".".join(p for p in parts if p not in ("base_layer", "original_module"))] = tensor
-    return base
+    return TuningPlan(model, param_groups, mask, trainable, total, peft_task_type, head_lr)

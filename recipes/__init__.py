@@ -4,6 +4,7 @@ imported inside its methods), so building this table costs little at start-up.""
 from recipes.asr import AsrRecipe
 from recipes.audio_classification import AudioClassificationRecipe
 from recipes.image_classification import ImageClassificationRecipe
+from recipes.mlm import MlmRecipe
 from recipes.multilabel import MultilabelRecipe
 from recipes.ner import NerRecipe
 from recipes.qa import QaRecipe
@@ -13,5 +14,5 @@ from recipes.summarization import SummarizationRecipe
 
 from pipelines.registry import register
 
-RECIPES = {recipe.name: recipe for recipe in (SentimentRecipe(), NerRecipe(), SummarizationRecipe(), AsrRecipe(), ImageClassificationRecipe(), AudioClassificationRecipe(), RegressionRecipe(), MultilabelRecipe(), QaRecipe(),)}
+RECIPES = {recipe.name: recipe for recipe in (SentimentRecipe(), NerRecipe(), SummarizationRecipe(), AsrRecipe(), ImageClassificationRecipe(), AudioClassificationRecipe(), RegressionRecipe(), MultilabelRecipe(), QaRecipe(), MlmRecipe(),)}
 register(*RECIPES.values())  # for the entry points and publishing, which find recipes by name

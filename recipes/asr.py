@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 
+from pipelines.adapter_files import MODEL_CONFIG_DIR
 from pipelines.errors import UserError
 from pipelines.media import read_audio  # noqa: F401 (recipes.asr.read_audio, for callers)
 from recipes.asr_ctc import CTC_FAMILIES, CtcAsr
@@ -27,11 +28,13 @@ from recipes.audio_input import load_audio_folder  # noqa: F401 (recipes.asr.loa
 
 
 def checkpoint_model_type(cfg) -> str | None:
-    """The model_type of --model: from config.json in a local folder (a run's output; a LoRA run's folder has
-    config.json beside adapter_config.json), else from the config transformers loads (a Hub id, an embedded
+    """The model_type of --model: from config.json in a local folder (a run's output; an adapter run's folder keeps
+    it in model_config/, beside adapter_config.json), else from the config transformers loads (a Hub id, an embedded
     model, or a folder whose config.json names no speech model, so that loader's errors stay as they are)."""
-    path = os.path.join(os.path.expanduser(cfg.model), "config.json")
-    if os.path.isfile(path):
+    folder = os.path.expanduser(cfg.model)
+    path = next((p for p in (os.path.join(folder, "config.json"), os.path.join(folder, MODEL_CONFIG_DIR, "config.json"))
+                 if os.path.isfile(p)), None)
+    if path:
         try:
             with open(path, encoding="utf-8") as f:
                 found = json.load(f).get("model_type")

@@ -16,10 +16,9 @@ import os
 from pathlib import Path
 
 from pipelines.data import for_map
-from pipelines.data_checks import (null_counts, require_columns, require_text, source_row, split_source,
-                                   warn_null_texts, warn_truncated)
+from pipelines.data_checks import null_counts, require_text, warn_null_texts, warn_truncated
 from pipelines.errors import UserError
-from pipelines.labels import check_label_values, label_names_for, load_with_head, model_label_ids, parse_label_map
+from pipelines.labels import column_labels, list_labels, load_with_head, parse_label_map
 from pipelines.options import TaskOptions, task_option
 from pipelines.recipe import Recipe, resolve_column
 
@@ -46,84 +45,6 @@ def multilabel_metrics(references, predicted, names) -> dict:
                "macro_f1": float(f1_score(references, predicted, average="macro", zero_division=0)),
                "subset_accuracy": float(accuracy_score(references, predicted))}
     return {**metrics, **{f"f1_{name}": float(value) for name, value in zip(names, per_label)}}
-
-
-# ------------------------------------------------------------------------------------------ labels
-
-
-def list_problem(labels, kind) -> str | None:
-    """What is wrong with one row's list of labels, or None; `kind` (str or int): what the earlier rows hold."""
-    if not isinstance(labels, list):
-        return f"a {type(labels).__name__} ({json.dumps(labels)[:40]})"
-    odd = [v for v in labels if type(v) not in (str, int)]  # None, booleans, floats
-    mixed = [v for v in labels if kind is not None and type(v) is not kind]
-    if odd or mixed:
-        return repr(odd[0]) if odd else f"{mixed[0]!r} where earlier rows give {'names' if kind is str else 'ids'}"
-    return None
-
-
-def list_labels(model_labels, splits, column: str, cfg, label_map: dict) -> tuple[list, dict]:
-    """(names, {split: {value: id}}) of a list-of-labels column, after checking every row. Training: the data's
-    label set; evaluation (`model_labels`): the model's, the data's labels mapped to it by name."""
-    import datasets
-
-    check_label_values(splits, column, cfg)
-    flat = {}
-    for split, ds in splits.items():
-        values, kind = [], None
-        for row, labels in enumerate(ds[column][:]):  # [:]: one list, not a read per row
-            problem = list_problem(labels, kind)
-            if problem:
-                raise UserError(f"{split} split, row {source_row(ds, row)}{split_source(cfg, split)}, column "
-                                f"'{column}': expected a list of labels, all names or all integer ids (e.g. "
-                                f"[\"PER\", \"LOC\"], or [] for none), got {problem}")
-            kind = kind or (type(labels[0]) if labels else None)
-            values += labels
-        inner = getattr(ds.features[column], "feature", None)
-        features = datasets.Features({column: inner}) if isinstance(inner, datasets.ClassLabel) else None
-        flat[split] = datasets.Dataset.from_dict({column: values}, features=features)
-    flat = datasets.DatasetDict(flat)
-    if model_labels is not None:  # the evaluated model's labels; ones it lacks are one error naming them
-        names = list(model_labels.names)
-        to_id = model_label_ids(flat, column, model_labels, label_map, cfg)
-        return names, {split: {v: to_id(v, split) for v in set(ds[column][:])} for split, ds in flat.items()}
-    names = label_names_for(flat, column, cfg, label_map=label_map)
-    index = {n: i for i, n in enumerate(names)}
-    tables = {}
-    for split, ds in flat.items():  # names by name, ClassLabel ids by their class name, other integers by id
-        classes = getattr(ds.features[column], "names", None)
-        table = tables[split] = {}
-        for value in set(ds[column][:]):
-            name = classes[value] if classes else None if isinstance(value, int) else str(value)
-            known = isinstance(value, int) and 0 <= value < len(names)  # an id (when `name` is None)
-            table[value] = index.get(label_map.get(name, name)) if name is not None else value if known else None
-        outside = [v for v, i in table.items() if i is None]
-        if outside:
-            row = next(r for r, labels in enumerate(splits[split][column][:]) if set(labels) & set(outside))
-            value = next(v for v in splits[split][column][row] if v in outside)
-            raise UserError(f"{split} split, row {source_row(splits[split], row)}{split_source(cfg, split)}, column "
-                            f"'{column}': label {value!r} is outside the label set {names} (set --label-names to "
-                            "list every label, or fix the data)")
-    return names, tables
-
-def column_labels(model_labels, splits, columns: list, cfg, label_map: dict) -> tuple[list, dict]:
-    """(names, {column: id}) of 0/1 label columns, after checking every value."""
-    for column in columns:
-        require_columns(splits, {"label_columns": column})
-        check_label_values(splits, column, cfg)
-        for split, ds in splits.items():
-            bad = next(((r, v) for r, v in enumerate(ds[column][:]) if v not in (0, 1)), None)
-            if bad:
-                raise UserError(f"{split} split, row {source_row(ds, bad[0])}{split_source(cfg, split)}, column "
-                                f"'{column}': {bad[1]!r} is not 0 or 1 (each --label-columns column says with 0 "
-                                "or 1 whether its label applies)")
-    named = [label_map.get(c, c) for c in columns]
-    names = list(model_labels.names) if model_labels is not None else named
-    if len(set(named)) != len(named) or sorted(named) != sorted(names):
-        whose = f"the model's labels (from {model_labels.source}: {', '.join(names)})" if model_labels else ""
-        raise UserError(f"--label-columns {', '.join(named)} must name {whose or 'each label'} once; rename columns "
-                        "with --label-map DATA=MODEL")
-    return names, {column: names.index(name) for column, name in zip(columns, named)}
 
 
 # ------------------------------------------------------------------------------------------ the recipe
@@ -220,7 +141,7 @@ class MultilabelRecipe(Recipe):
         return model, tokenizer
 
     def stored_threshold(self, model) -> float | None:
-        """The evaluated model's threshold: its config.json (for an adapter, the one saved beside it)."""
+        """The evaluated model's threshold: its config.json (for an adapter, the run's model_config/config.json)."""
         source = self.model_labels.source if self.model_labels is not None else None
         if source and os.path.isfile(source):
             with open(source, encoding="utf-8") as f:

@@ -55,8 +55,8 @@ def correlation(kind: str, predictions, references) -> float:
 
 
 def saved_stats(cfg, loaded_config) -> tuple[float, float]:
-    """(target_mean, target_std) of an evaluated model: its folder's config.json (a LoRA run saves it beside the
-    adapter), else the loaded model's config; 0 and 1 for a model that has none."""
+    """(target_mean, target_std) of an evaluated model: its folder's config.json (for an adapter folder, the
+    run's config in model_config/, which the evaluation applies to the loaded model), else the loaded model's config; 0 and 1 for a model that has none."""
     values = loaded_config.to_dict()
     path = os.path.join(os.path.expanduser(cfg.model), "config.json")
     if os.path.isfile(path):

@@ -99,6 +99,23 @@ def test_find_lr_writes_the_curve_and_prints_the_rate(world):
     assert not (out / "model.safetensors").exists()  # nothing of the model is saved
 
 
+def test_learning_rate_auto_trains_at_the_range_tests_suggestion_and_records_it(world):
+    out = world["root"] / "auto"
+    result = run_script(["--recipe", "sentiment", "--model", world["model"], "--train-file", world["train"],
+                         "--validation-file", world["validation"], "--batch-size", 8, "--max-steps", 4,
+                         "--learning-rate", "auto", "--tuning", "lora", "--save-checkpoints", "false",
+                         "--bootstrap-samples", 0, "--output-dir", out], env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = json.loads((out / "run_config.json").read_text())["config"]
+    search = config["learning_rate_search"]
+    assert config["learning_rate"] == search["chosen"] and 1e-7 <= search["chosen"] <= 10 and search["steps"] > 10
+    assert search["reference_learning_rate"] == 1e-3  # lora's own default: the sweep keeps the groups' ratios to it
+    assert "learning_rate" not in config["strategy_defaults"]
+    assert f"--learning-rate auto: the range test suggests {search['chosen']:g}" in result.stdout
+    assert f"learning rate {search['chosen']:g} (--learning-rate auto)" in result.stdout
+    assert "the learning-rate range test's suggestion" in (out / "README.md").read_text()
+
+
 @pytest.mark.parametrize("options, message", [
     (["--start-lr", "1", "--end-lr", "0.1"], "need 0 < start < end"),
     (["--num-steps", "3"], "at least 10 steps"),

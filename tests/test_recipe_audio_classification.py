@@ -18,7 +18,9 @@ with espeak-ng (yes/no/stop, a few clips each; validation and test spoken by voi
 
 import dataclasses
 import json
+import re
 import shutil
+import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,7 +42,8 @@ W2V_CONV = dict(conv_dim=(32, 32, 32, 32), conv_stride=(5, 4, 4, 4), conv_kernel
 COMMON = ["--batch-size", 6, "--eval-batch-size", 4, "--warmup-steps", 0, "--seed", 0, "--save-checkpoints", "false",
           "--bootstrap-samples", 0]
 STRATEGIES = {"full": [], "feature-extraction": [], "last-n": ["--unfreeze-last-n", 1],
-              "gradual": ["--unfreeze-every", 1, "--unfreeze-unit", "step"], "lora": ["--lora-r", 4]}
+              "gradual": ["--unfreeze-every", 1, "--unfreeze-unit", "step"], "lora": ["--lora-r", 4],
+              "two-stage": ["--unfreeze-last-n", 1], "dora": ["--lora-r", 4], "ia3": []}
 HEAD = ("projector.", "classifier.")
 
 
@@ -169,10 +172,16 @@ def test_trains_skips_the_empty_clip_and_reports(trained):
 
 
 def classify_all(out: Path, wavs: list) -> list:
-    """Top labels of `pipeline("audio-classification", model=out)` on the decoded clips."""
-    from transformers import pipeline
+    """Top labels of transformers' audio-classification pipeline on the decoded clips: the folder alone for a full
+    run; for an adapter folder, the model built from the run's config in model_config/, as the card does."""
+    from transformers import AutoConfig, AutoFeatureExtractor, AutoModelForAudioClassification, pipeline
 
-    classify = pipeline("audio-classification", model=str(out))
+    if (out / "model_config").is_dir():
+        config = AutoConfig.from_pretrained(out, subfolder="model_config")
+        model = AutoModelForAudioClassification.from_pretrained(out, config=config, ignore_mismatched_sizes=True)
+        classify = pipeline("audio-classification", model=model, feature_extractor=AutoFeatureExtractor.from_pretrained(out))
+    else:
+        classify = pipeline("audio-classification", model=str(out))
     return [classify({"raw": read_audio(str(wav), 16000), "sampling_rate": 16000})[0]["label"] for wav in wavs]
 
 
@@ -189,9 +198,6 @@ def test_metrics_equal_scikit_learn_on_the_pipeline_predictions(trained):
 
 
 def test_card_snippet_runs_on_the_saved_example(trained, tmp_path):
-    import re
-    import subprocess
-
     data, out, _ = trained
     saved = read_audio(str(out / "example.wav"), 16000)
     assert any(len(saved) == len(clip) and np.abs(saved - clip).max() < 1e-3
@@ -251,19 +257,22 @@ def test_every_strategy_trains_the_head(strategy, strategy_runs):
     body = [n for n in initial if not n.startswith(HEAD)]
     frozen_stem = [n for n in body if n.startswith("wav2vec2.feature_extractor.")]
     top = [n for n in body if n.startswith("wav2vec2.encoder.layers.1.")]
-    if strategy == "lora":
+    if strategy in ("lora", "dora", "ia3"):
         adapter = load_file(out / "adapter_model.safetensors")
         # peft saves the trained copy of each modules_to_save head under the head's own name
-        saved = {n.removeprefix("base_model.model."): t for n, t in adapter.items() if "lora_" not in n}
+        saved = {n.removeprefix("base_model.model."): t for n, t in adapter.items() if "lora_" not in n and "ia3_" not in n}
         assert set(saved) == set(head), sorted(adapter)
-        assert moved(initial, saved, head) == sorted(head), "the head did not train under lora"
-        assert any("lora_B" in n and t.abs().sum() > 0 for n, t in adapter.items())
+        assert moved(initial, saved, head) == sorted(head), f"the head did not train under {strategy}"
+        trained = "ia3_l" if strategy == "ia3" else "lora_B"
+        assert any(trained in n and (t - float(strategy == "ia3")).abs().sum() > 0 for n, t in adapter.items())
         return
     final = load_file(out / "model.safetensors")
     assert moved(initial, final, head) == sorted(head), f"the head did not train under {strategy}"
     assert not moved(initial, final, frozen_stem), "the convolutional feature encoder moved"
     if strategy == "feature-extraction":
         assert not moved(initial, final, body)
+    elif strategy == "two-stage":  # step 2 trains everything but the convolutional feature encoder
+        assert moved(initial, final, [n for n in body if n not in top and n not in frozen_stem])
     elif strategy in ("last-n", "gradual"):  # after 2 steps: the head and the top layer
         assert moved(initial, final, top) and not moved(initial, final, [n for n in body if n not in top])
 
@@ -306,14 +315,18 @@ def test_whisper_encoder_with_lora_and_a_two_second_window(keywords, tiny_whispe
                          "--label-column", "keyword", "--output-dir", out, "--tuning", "lora", "--max-steps", 4,
                          "--learning-rate", 1e-2, "--window-seconds", 2, *COMMON], env=ENV)
     assert_ok(result)
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((out / "model_config" / "config.json").read_text())
     assert config["architectures"] == ["WhisperForAudioClassification"] and config["max_source_positions"] == 100
     assert json.loads((out / "preprocessor_config.json").read_text())["chunk_length"] == 2
-    assert (out / "adapter_model.safetensors").is_file()
     wavs = [data / "test" / "clips" / w.name for w in clips(keywords, "test")]
     predictions, references = classify_all(out, wavs), [w.name.split("-")[0] for w in wavs]
     accuracy = np.mean([p == r for p, r in zip(predictions, references)])
     assert accuracy == pytest.approx(json.loads((out / "eval_results.json").read_text())["test"]["accuracy"], abs=1e-9)
+    # the card's snippet runs as written (the adapter folder, the run's config from model_config/)
+    snippet = re.search(r"## How to use\s+```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1)
+    ran = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                         env={**ENV, "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert ran.returncode == 0, ran.stderr[-3000:]
 
 
 def test_a_window_longer_than_the_checkpoints_is_an_error(keywords, tiny_whisper, tmp_path):

@@ -71,10 +71,15 @@ def references(path: Path, names: list) -> np.ndarray:
 
 
 def pipeline_scores(out: Path, texts: list) -> tuple[list, np.ndarray]:
-    """(label names in id order, sigmoid scores examples x labels) of the saved model through transformers.pipeline."""
-    from transformers import pipeline
+    """(label names in id order, sigmoid scores examples x labels) of the saved model through transformers.pipeline;
+    an adapter folder's model is built from the run's config in model_config/, as its card does."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, pipeline
 
-    classify = pipeline("text-classification", model=str(out), top_k=None)
+    model = str(out)
+    if (out / "model_config").is_dir():
+        config = AutoConfig.from_pretrained(out, subfolder="model_config")
+        model = AutoModelForSequenceClassification.from_pretrained(out, config=config, ignore_mismatched_sizes=True)
+    classify = pipeline("text-classification", model=model, tokenizer=str(out), top_k=None)
     config = classify.model.config
     names = [config.id2label[i] for i in range(config.num_labels)]
     scores = np.zeros((len(texts), len(names)))
@@ -213,7 +218,8 @@ def test_evaluate_model_uses_the_stored_threshold_and_maps_label_columns_by_name
 
 
 STRATEGIES = {"feature-extraction": [], "last-n": ["--unfreeze-last-n", 1],
-              "gradual": ["--unfreeze-every", 1, "--unfreeze-unit", "step"], "lora": ["--lora-r", 4]}
+              "gradual": ["--unfreeze-every", 1, "--unfreeze-unit", "step"], "lora": ["--lora-r", 4],
+              "two-stage": ["--unfreeze-last-n", 1], "dora": ["--lora-r", 4], "ia3": []}
 
 
 def test_every_strategy_and_the_label_columns_layout(data, tiny_bert, tmp_path):
@@ -232,15 +238,15 @@ def test_every_strategy_and_the_label_columns_layout(data, tiny_bert, tmp_path):
     # feature extraction: only the head moved
     initial, saved = load_file(tiny_bert / "model.safetensors"), load_file(tmp_path / "feature-extraction" / "model.safetensors")
     assert all(saved[k].equal(initial[k]) for k in initial if k.startswith("bert."))
-    # LoRA: an adapter whose folder config.json carries the labels and the threshold; the pipeline loads it
+    # LoRA: the adapter alone, the run's config (labels, threshold) in model_config/; the pipeline loads them
     lora = tmp_path / "lora"
-    assert (lora / "adapter_model.safetensors").is_file()
-    assert json.loads((lora / "config.json").read_text())["multilabel_threshold"] in THRESHOLDS
+    assert (lora / "adapter_model.safetensors").is_file() and not (lora / "config.json").exists()
+    threshold = json.loads((lora / "model_config" / "config.json").read_text())["multilabel_threshold"]
+    assert threshold in THRESHOLDS
     rows = read_jsonl(data["lists"] / "validation.jsonl")
     names, scores = pipeline_scores(lora, [r["text"] for r in rows])
     assert names == TYPES
     results = json.loads((lora / "eval_results.json").read_text())["validation"]
-    threshold = json.loads((lora / "config.json").read_text())["multilabel_threshold"]
     refs = references(data["lists"] / "validation.jsonl", names)
     assert_metrics(results, sklearn_metrics(refs, (scores >= threshold).astype(int), names))
     assert evaluate(lora, data["lists"], tmp_path / "lora-eval")["micro_f1"] == pytest.approx(results["micro_f1"], abs=1e-6)

@@ -7,7 +7,7 @@
   the report's interval, worst examples (absolute error) and the predicted-against-true plot;
 - standardisation round trip: the config keeps the train targets' mean and std, predictions come back in
   the data's units; --standardize-targets false keeps 0 and 1;
-- every other strategy (feature-extraction, last-n, gradual, lora) trains what it says;
+- every other strategy trains what it says;
 - scripts/evaluate_model.py on the output folders (full and LoRA) gives the run's numbers; the card's snippet runs;
 - bad inputs: a target that is not a number, a missing target column: one `error:` line each, exit 2.
 """
@@ -23,7 +23,7 @@ import pytest
 import torch
 from conftest import read_jsonl, run_script, write_jsonl
 from safetensors.torch import load_file
-from test_strategies_recipes import STRATEGIES  # feature-extraction, last-n, gradual, lora and their options
+from test_strategies_recipes import ADAPTER_TENSORS, STRATEGIES  # every strategy but full, with its options
 from tiny_models import make_tiny_model
 
 ENV = {"OMP_NUM_THREADS": "1"}  # one thread per process: tiny matmuls on a busy 2-core machine
@@ -145,18 +145,22 @@ def test_every_strategy_trains_what_it_says(strategy, bert, data, tmp_path):
     def changed(final, names):
         return sorted(n for n in names if not torch.equal(initial[n], final[n]))
 
-    if strategy == "lora":
+    if strategy in ADAPTER_TENSORS:
         adapter = load_file(out / "adapter_model.safetensors")
-        assert any("lora_B" in n and t.abs().sum() > 0 for n, t in adapter.items()), "LoRA matrices never trained"
-        others = [n.removeprefix("base_model.model.") for n in adapter if "lora_" not in n]
+        start = 1.0 if strategy == "ia3" else 0.0
+        assert any(ADAPTER_TENSORS[strategy] in n and (t - start).abs().sum() > 0 for n, t in adapter.items()), \
+            f"{strategy} adapter tensors never trained"
+        others = [n.removeprefix("base_model.model.") for n in adapter if "lora_" not in n and "ia3_" not in n]
         assert others and all(n.startswith("classifier.") for n in others), others  # the new head goes with it
-        assert not changed(load_file(out / "model.safetensors"), body), "base weights moved under lora"
-        assert json.loads((out / "config.json").read_text())["target_std"] > 1  # the stats beside the adapter
+        assert not (out / "model.safetensors").exists()  # the adapter alone: the base is the one it names
+        assert json.loads((out / "model_config" / "config.json").read_text())["target_std"] > 1  # the run's stats
         return
     final = load_file(out / "model.safetensors")
     assert final["classifier.weight"].shape == (1, 32)
     if strategy == "feature-extraction":
         assert not changed(final, body), "the backbone moved under feature-extraction"
+    elif strategy == "two-stage":  # step 1: the head and the top layer; step 2: everything
+        assert changed(final, [n for n in body if not n.startswith(TOP)])
     else:  # last-n 1, and gradual after 2 steps: the top layer trained, nothing below it
         assert changed(final, [n for n in body if n.startswith(TOP)])
         assert not changed(final, [n for n in body if not n.startswith(TOP)])

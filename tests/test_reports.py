@@ -247,13 +247,13 @@ def test_lora_card_snippet_and_push_to_hub(lora_run, hub, online, tmp_path):
     from huggingface_hub import ModelCard, snapshot_download
     from huggingface_hub.repocard_data import model_index_to_eval_results
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, pipeline
+    from transformers import AutoConfig, AutoModelForSequenceClassification, pipeline
 
     text = (lora_run / "README.md").read_text()
     card = ModelCard(text)
     assert card.data.library_name == "peft" and "lora" in card.data.tags
     snippet = _snippet(text)
-    assert f'model="{REPO_ID}"' in snippet  # the card names the repository it is published to
+    assert f'"{REPO_ID}"' in snippet and 'subfolder="model_config"' in snippet  # the repository it is published to
     done = _run_snippet(snippet.replace(f'"{REPO_ID}"', json.dumps(str(lora_run))), tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.search(r"'label': '(negative|positive)'", done.stdout), done.stdout  # the run's labels, not LABEL_0
@@ -282,7 +282,9 @@ def test_lora_card_snippet_and_push_to_hub(lora_run, hub, online, tmp_path):
     assert (_predict(lora_run, texts, model=model)[0] == _predict(lora_run, texts, model=PeftModel.from_pretrained(
         AutoModelForSequenceClassification.from_pretrained(adapter["base_model_name_or_path"], num_labels=2),
         lora_run).eval())[0]).all()
-    result = pipeline("text-classification", model=str(local))(texts[0])
+    config = AutoConfig.from_pretrained(local, subfolder="model_config")
+    result = pipeline("text-classification", tokenizer=str(local), model=AutoModelForSequenceClassification.from_pretrained(
+        local, config=config, ignore_mismatched_sizes=True))(texts[0])
     assert result[0]["label"] in {"negative", "positive"}, result
 
     downloaded = ModelCard.load(local / "README.md")

@@ -2,18 +2,19 @@
 the same for sentiment; tests/test_strategies_all_families.py checks the strategies in-process).
 
 For ner (RoBERTa), summarization (T5), asr (wav2vec2 CTC, vocabulary built by the recipe) and
-image-classification (ViT): a 2-step run of each of feature-extraction, last-n, gradual and lora on
-one tiny model per recipe and a few real examples. Each must exit 0, and the saved weights must
+image-classification (ViT): a 2-step run of each strategy on one tiny model per recipe and a few
+real examples. Each must exit 0, and the saved weights must
 show that the strategy froze what it says:
 - feature-extraction: everything but the head is bit-identical to the initial model (T5's head is
   its output layer, tied to the input embeddings: those train with it);
 - last-n (N=1) and gradual (one more layer every step: the head at step 1, the top layer too at
   step 2): the top layer changed, every layer below it and the stem are bit-identical;
-- lora: the output holds adapter_model.safetensors with trained LoRA matrices and nothing of the
-  base model but a new head; base weights saved beside it are bit-identical to the initial ones.
+- two-stage (N=1, half the steps each): the bottom layer trained too (in stage 2);
+- lora, dora, ia3: the output holds adapter_model.safetensors with trained adapter tensors and nothing
+  of the base model but a new head; base weights saved beside it are bit-identical to the initial ones.
 The stem includes wav2vec2's convolutional feature encoder, which no strategy trains.
 
-Cost: 16 runs of a few seconds each, dominated by start-up (imports, metric modules, plots). Each
+Cost: 28 runs of a few seconds each, dominated by start-up (imports, metric modules, plots). Each
 run has one OpenMP thread, so two run at once on a 2-core machine.
 """
 
@@ -38,8 +39,12 @@ STRATEGIES = {
     "feature-extraction": [],
     "last-n": ["--unfreeze-last-n", 1],
     "gradual": ["--unfreeze-every", 1, "--unfreeze-unit", "step"],
+    "two-stage": ["--unfreeze-last-n", 1, "--two-stage-fraction", 0.5],  # 2 steps: the top layer, then all
     "lora": ["--lora-r", 4],
+    "dora": ["--lora-r", 4],
+    "ia3": [],
 }
+ADAPTER_TENSORS = {"lora": "lora_B", "dora": "lora_B", "ia3": "ia3_l"}  # trained from zeros (lora) or ones (ia3)
 # recipe -> (the head's parameter prefixes, the layers' prefixes bottom to top), as saved in model.safetensors.
 # T5's head is tied to the input embeddings, saved as shared.weight only.
 LAYOUT = {
@@ -138,10 +143,12 @@ def test_strategy_on_recipe(recipe, strategy, runs):
 
     # A new head (more labels, the built CTC vocabulary) may have another shape; every other tensor keeps its own.
     body = {n for n in initial if not n.startswith(head)}
-    if strategy == "lora":
+    if strategy in ADAPTER_TENSORS:
         adapter = load_file(out / "adapter_model.safetensors")
-        assert any("lora_B" in n and t.abs().sum() > 0 for n, t in adapter.items()), "LoRA matrices never trained"
-        others = [n for n in adapter if "lora_" not in n]
+        start = 1.0 if strategy == "ia3" else 0.0
+        assert any(ADAPTER_TENSORS[strategy] in n and (t - start).abs().sum() > 0 for n, t in adapter.items()), \
+            f"{strategy} adapter tensors never trained"
+        others = [n for n in adapter if "lora_" not in n and "ia3_" not in n]
         # Only a new head travels with the adapter (T5's tied, pretrained one stays frozen and out of it).
         assert all(n.removeprefix("base_model.model.").startswith(head) for n in others), others[:5]
         assert bool(others) == (recipe != "summarization"), others[:5]
@@ -158,6 +165,8 @@ def test_strategy_on_recipe(recipe, strategy, runs):
         assert not changed(initial, final, body), "the backbone moved under feature-extraction"
         summary = json.loads((out / "run_summary.json").read_text())
         assert summary["trainable_params"] < summary["total_params"]
+    elif strategy == "two-stage":  # step 1: the head and the top layer; step 2: everything
+        assert changed(initial, final, [layers[0]]), f"{layers[0]} did not train in stage 2"
     else:  # last-n 1, and gradual after 2 steps: the head and the top layer trained, nothing below them
         assert changed(initial, final, [layers[-1]]), f"{layers[-1]} did not train under {strategy}"
         below = [n for n in body if not n.startswith(layers[-1])]
