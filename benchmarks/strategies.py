@@ -2,12 +2,15 @@
 """Which strategy for this data? Each --tuning strategy at its own defaults, side by side, on real weights.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/strategies.py [--work DIR] [--only full,lora] [--grid] [--train 4000]
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/strategies.py --only "" --compare   # scripts/compare.py instead
 
 The setting of issue 12: the embedded all-MiniLM-L6-v2 (real weights), the first N (4,000) rows of the shared SST-2
 training file, one epoch at batch 32, the sentiment recipe's defaults otherwise, and only --tuning changed;
 accuracy on rows 60,001-61,000 of the same file (never trained on), with its 95% bootstrap interval.
 `--grid` adds full fine-tuning at 1e-5, 3e-5, 1e-4 and 3e-4 and scripts/find_lr.py's suggestion, to check that the
 range test lands near the grid's best. Prints a markdown table and writes results.json into --work.
+`--compare` runs scripts/compare.py on the same slices (full, feature-extraction, last-n, two-stage and lora at 250,
+1,000 and 4,000 training sentences, 125 steps each) and copies its page and plots to benchmarks/comparison-sst2/.
 Quality only: the wall times are from one busy 2-core machine, for orientation.
 """
 
@@ -76,6 +79,29 @@ def find_lr(base: list, work: Path) -> dict:
     return {"learning_rate": result["learning_rate"], "steepest": result["steepest"], "seconds": seconds}
 
 
+# The same step budget at every size (--max-steps: 125 = one epoch of 4,000 at batch 32); with --num-epochs 1 the
+# small sizes would get 8 and 32 steps, too few for anything but feature extraction's head.
+COMPARED = ("full,feature-extraction,last-n,two-stage,lora", "250,1000,4000", "125")
+COMPARISON_COPY = REPO / "benchmarks" / "comparison-sst2"
+
+
+def compare(base: list, work: Path) -> int:
+    """scripts/compare.py on the same slices (it keeps finished runs, so no --overwrite-output-dir); its page, json
+    and plots copied to COMPARISON_COPY."""
+    import shutil
+
+    out = work / "compare"
+    args = base[:base.index("--overwrite-output-dir")]  # its last option
+    code, seconds = run("compare.py", [*args, "--strategies", COMPARED[0], "--train-sizes", COMPARED[1],
+                                       "--max-steps", COMPARED[2], "--output-dir", str(out)], work / "compare.log")
+    print(f"scripts/compare.py: exit {code} in {seconds:.0f} s (log {work / 'compare.log'})")
+    if code == 0:
+        COMPARISON_COPY.mkdir(parents=True, exist_ok=True)
+        for path in [*out.glob("comparison*.png"), out / "comparison.md", out / "comparison.json"]:
+            shutil.copy2(path, COMPARISON_COPY / path.name)
+    return code
+
+
 def table(rows: list) -> str:
     lines = ["| run | learning rate (head) | accuracy [95% CI] | bar | trainable | wall s |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -95,6 +121,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default="outputs/bench-strategies", help="folder for the runs and results.json")
     parser.add_argument("--only", default=",".join(STRATEGIES), help="strategies to run, comma-separated")
     parser.add_argument("--grid", action="store_true", help="also the learning-rate grid of full and find_lr")
+    parser.add_argument("--compare", action="store_true", help="also scripts/compare.py on the same slices")
     parser.add_argument("--train", type=int, default=4000, help="training rows (default 4000)")
     args = parser.parse_args(argv)
     work = Path(args.work)
@@ -111,8 +138,9 @@ def main(argv=None) -> int:
                                                     f"{suggested['learning_rate']:.3g}"], base, work))
         results.update(grid=grid, find_lr=suggested)
         rows = rows + grid
-    (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(table(rows))
+    if rows:
+        (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(table(rows))
     if args.grid and "learning_rate" in results["find_lr"]:
         best = max((r for r in results["grid"][:-1] if "accuracy" in r), key=lambda r: r["accuracy"], default=None)
         chosen = results["grid"][-1]
@@ -120,7 +148,7 @@ def main(argv=None) -> int:
             print(f"\nfind_lr suggested {results['find_lr']['learning_rate']:.2g} in {results['find_lr']['seconds']:.0f} s:"
                   f" {chosen['accuracy']:.4f}, against the grid's best {best['name']} {best['accuracy']:.4f} "
                   f"({100 * (chosen['accuracy'] - best['accuracy']):+.1f} points)")
-    return 0
+    return compare(base, work) if args.compare else 0
 
 
 if __name__ == "__main__":

@@ -327,12 +327,12 @@ def rules_of_thumb(rows: dict, sizes: list, greater: bool) -> list[dict]:
     else:
         sign = 1 if greater else -1
         advantage = [sign * (deep["value"] - shallow["value"]) for deep, shallow in gaps]
-        no_early_gain = overlaps(gaps[0][0], gaps[0][1]) or advantage[0] <= 0
-        held = no_early_gain and advantage[1] > advantage[0]
+        early_overlap = overlaps(gaps[0][0], gaps[0][1])
+        held = (early_overlap or advantage[0] <= 0) and advantage[1] > advantage[0]
         rules.append({"rule": rule, "verdict": "held" if held else "failed", "why": (
             f"the best deeper strategy's lead over the best shallower one was {advantage[0]:+.3f} at {n_small:,} "
             f"examples ({gaps[0][0]['strategy']} against {gaps[0][1]['strategy']}, "
-            f"{'not ' if no_early_gain else ''}significant) and {advantage[1]:+.3f} at {n_large:,} "
+            f"{'within the intervals' if early_overlap else 'outside the intervals'}) and {advantage[1]:+.3f} at {n_large:,} "
             f"({gaps[1][0]['strategy']} against {gaps[1][1]['strategy']})")})
     rule = "freeze all but the last 2-3 layers"
     last_n, full = _best_of(large, ["last-n"], greater), _best_of(large, ["full"], greater)
