@@ -74,8 +74,20 @@ def run_entry_point(run, output_dir=lambda: None, interrupted: str = "interrupte
         print(interrupted, file=sys.stderr)
         return 130
     _close_progress_bars()
-    print(f"error: {message}", file=sys.stderr)
+    stderr_line(f"error: {message}")
     return 2
+
+
+def stderr_line(line: str) -> None:
+    """`line` on stderr in one write: under `accelerate launch` every process may fail at once, and print's two
+    writes (the text, then the newline) let their lines run into one another."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a stream with no file descriptor (e.g. pytest's capsys)
+        print(line, file=sys.stderr)
+        return
+    sys.stderr.flush()
+    os.write(fd, (line + "\n").encode("utf-8", "backslashreplace"))
 
 
 def done_line(cfg, recipe, summary: dict) -> str:
