@@ -3,17 +3,13 @@ in) and the facts of the strategy's paragraph."""
 
 from __future__ import annotations
 
-from pipelines.options import ADAPTER_STRATEGIES, TWO_STAGE_RATE_FACTOR
+from pipelines.options import ADAPTER_STRATEGIES, two_stage_rate
 
 
 def unfreeze_schedule(cfg) -> str:
     if cfg.unfreeze_every is None:
         return "one more layer every few steps, all of them by half of the run"
     return f"one more layer every {cfg.unfreeze_every} {cfg.unfreeze_unit}(s)"
-
-
-def two_stage_rate(cfg) -> float:
-    return cfg.two_stage_learning_rate or cfg.learning_rate * TWO_STAGE_RATE_FACTOR  # pipelines/tuning.py's default
 
 
 ADAPTER_METHODS = {"lora": "LoRA (low-rank adaptation, rank {r}, alpha {alpha})",

@@ -14,7 +14,8 @@ import os
 import re
 from pathlib import Path
 
-from pipelines.card_training import ADAPTER_METHODS, hyperparameters, two_stage_rate, unfreeze_schedule
+from pipelines.card_training import ADAPTER_METHODS, hyperparameters, unfreeze_schedule
+from pipelines.options import two_stage_rate
 from pipelines.adapter_files import adapter_snippet, size_text
 from pipelines.options import ADAPTER_STRATEGIES
 

@@ -18,10 +18,17 @@ from pipelines.errors import UserError
 
 TUNING_STRATEGIES = ("full", "feature-extraction", "last-n", "gradual", "two-stage", "lora", "dora", "ia3")
 # Strategies that train a peft adapter (saved as adapter_*; --merge-lora merges it into the base).
+ADAPTER_STRATEGIES = ("lora", "dora", "ia3")
 # two-stage: stage 2's rate when --two-stage-learning-rate is unset, as a share of stage 1's. Half: full fine-tuning
 # of MiniLM on SST-2 is best near 5e-5, half of the layers' 1e-4 default (a third reached 0.837, benchmarks/strategies.py).
 TWO_STAGE_RATE_FACTOR = 0.5
-ADAPTER_STRATEGIES = ("lora", "dora", "ia3")
+
+
+def two_stage_rate(cfg) -> float:
+    """Two-stage's stage-2 rate (for the top layer; the other groups are scaled alike)."""
+    return cfg.two_stage_learning_rate or cfg.learning_rate * TWO_STAGE_RATE_FACTOR
+
+
 # What each strategy sets when the user has not: the learning rates the guides give for what it trains (pretrained
 # layers 1e-5..1e-4, new layers 1e-3..1e-2; LoRA's published recipes 1e-4..1e-3, IA3's 3e-3). A layer above the
 # recipe's defaults and below --config and flags (pipelines/config.py); `full` keeps the recipe's rate.

@@ -31,7 +31,7 @@ import torch
 
 from pipelines.errors import UserError
 from pipelines.models import ARCHITECTURES, Architecture, architecture, get_module
-from pipelines.options import ADAPTER_STRATEGIES, TWO_STAGE_RATE_FACTOR
+from pipelines.options import ADAPTER_STRATEGIES, two_stage_rate
 
 PEFT_PREFIX = re.compile(r"^(base_model\.model\.)")
 
@@ -313,9 +313,8 @@ def plan_tuning(model, cfg, peft_task_type: str | None = None, task_heads: tuple
         if cfg.tuning == "gradual":
             mask = GradientMask(model, depths, num_layers, cfg.unfreeze_every, cfg.unfreeze_unit)
         elif cfg.tuning == "two-stage":
-            second = cfg.two_stage_learning_rate or cfg.learning_rate * TWO_STAGE_RATE_FACTOR
             mask = TwoStageMask(model, depths, num_layers, min(cfg.unfreeze_last_n, num_layers), cfg.two_stage_fraction,
-                                second / cfg.learning_rate)
+                                two_stage_rate(cfg) / cfg.learning_rate)
 
     head_lr = head_learning_rate(cfg, arch, task_heads)
     groups: dict = {}
