@@ -222,3 +222,13 @@ def compare_main(argv, recipes: dict | None = None) -> int:
     return script_with_own_options(argv, RECIPES, "compare.py", DESCRIPTION, OPTIONS,
                                    "the runs, comparison.md/.json and the plots",
                                    lambda cfg, known: compare(cfg, known, list(argv), RECIPES))
+
+
+def search_main(argv, recipes: dict | None = None) -> int:
+    """scripts/search.py: the options of scripts/run.py plus the search's own (pipelines/search.py)."""
+    from pipelines.search import DESCRIPTION, OPTIONS, search
+
+    RECIPES = recipes if recipes is not None else registered()
+    return script_with_own_options(argv, RECIPES, "search.py", DESCRIPTION, OPTIONS,
+                                   "the trials, the study's journal, search.md/.json and the plots",
+                                   lambda cfg, known: search(cfg, known, list(argv), RECIPES))

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.context import is_main_process, num_processes
+from pipelines.context import is_main_process, num_processes, on_main
 from pipelines.errors import UserError, closest
 from pipelines.files import write_json
 from pipelines.options import TUNING_STRATEGIES
@@ -44,7 +44,8 @@ REFUSED = {
     "--push-to-git": "publish one run's folder with scripts/publish.py",
 }
 # Options whose value may differ between a finished run and the command that finds it.
-BOOKKEEPING = frozenset({"output_dir", "resume", "overwrite_output_dir", "learning_rate_search"})
+BOOKKEEPING = frozenset({"output_dir", "resume", "overwrite_output_dir", "learning_rate_search", "batch_size_search",
+                         "report_to"})
 
 
 def split_list(text, option: str) -> list[str]:
@@ -155,7 +156,10 @@ def options_changed(run: PlannedRun, cfg) -> list[str]:
     except (OSError, ValueError, KeyError, TypeError):
         return ["its run_config.json is missing or unreadable"]
     now = json.loads(json.dumps(snapshot(cfg)["config"], default=str))
-    ignored = set(BOOKKEEPING) | ({"learning_rate"} if cfg.learning_rate_search else set())  # auto: the run chose it
+    ignored = set(BOOKKEEPING) | ({"learning_rate"} if cfg.learning_rate_search else set())  # auto: the run chose them
+    searched = cfg.batch_size_search or {}  # --batch-size / --eval-batch-size auto: the run chose these too
+    ignored |= ({"batch_size", "gradient_accumulation_steps"} if "train" in searched else set()) | \
+        ({"eval_batch_size"} if "eval" in searched else set())
     changed = []
     for key in sorted(set(before) | set(now)):
         old, new = before.get(key), now.get(key)
@@ -321,20 +325,8 @@ def tell(message: str) -> None:
 
 def statuses_of(runs: list, configs: dict) -> list[str]:
     """Each run's status, decided by the main process (the run folders live on its machine) and sent to every
-    process, with its error: the others would wait for the main one forever."""
-    import torch.distributed as dist
-
-    box = [None, None]
-    if is_main_process():
-        try:
-            box[0] = [run.status(configs[run.name]) for run in runs]
-        except UserError as e:
-            box[1] = str(e)
-    if dist.is_available() and dist.is_initialized():
-        dist.broadcast_object_list(box, src=0)
-    if box[1]:
-        raise UserError(box[1])
-    return box[0]
+    process, with its error."""
+    return on_main(lambda: [run.status(configs[run.name]) for run in runs])
 
 
 DESCRIPTION = (

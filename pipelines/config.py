@@ -16,9 +16,11 @@ from urllib.parse import urlsplit
 
 from pipelines.errors import UserError, closest
 from pipelines.help import build_parser, format_help
+from pipelines.trackers import chosen as chosen_trackers
 from pipelines.options import (FIELDS, STRATEGY_DEFAULTS, TUNING_STRATEGIES, RunConfig, coerce, coerce_value, read_yaml, snake,
                                task_options)
 
+WHOLE_OR_NULL = re.compile(r"\d+|none|null", re.IGNORECASE)  # a batch size given as text (or auto)
 BRANCH = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]*(?<![./])$")  # a git branch name, without the odd cases
 
 
@@ -99,14 +101,20 @@ def parse_args(argv, recipes: dict) -> RunConfig:
     tuning = next((v for _, layer in reversed(layers) for k, v in layer.items() if snake(k) == "tuning"), RunConfig.tuning)
     strategy = STRATEGY_DEFAULTS.get(tuning, {})  # an unknown strategy fails in validate(), with its suggestion
     layers.insert(1, (f"--tuning {tuning} defaults", strategy))
-    auto_rate = False  # --learning-rate auto: the range test picks it before training (pipelines/lr_finder.py)
+    # `auto` is chosen before training, the lower layers' number staying as its reference: the learning rate by the
+    # range test (pipelines/lr_finder.py; groups keep their ratios to it), batch sizes by pipelines/batch_size.py.
+    auto = dict.fromkeys(("learning_rate", "batch_size", "eval_batch_size"), False)
     for source, layer in without_shadowed(layers):
         for raw_key, value in layer.items():
             key = snake(raw_key).removeprefix("extra__")
-            if key == "learning_rate":
-                auto_rate = isinstance(value, str) and value.strip().lower() == "auto"
-                if auto_rate:  # the rate below stays as the sweep's reference (groups keep their ratios to it)
+            if key in auto:
+                auto[key] = isinstance(value, str) and value.strip().lower() == "auto"
+                if auto[key]:
                     continue
+                if key != "learning_rate" and isinstance(value, str) and not WHOLE_OR_NULL.fullmatch(value.strip()):
+                    raise UserError(f"{source}: option '{key}' expects int, got {value!r}: give a whole number or auto")
+            if key == "report_to" and isinstance(value, str) and value.strip().lower() == "none":
+                value = ["none"]  # a choice here (no tracker), not YAML's null (unset: the default tracker)
             if key in FIELDS:
                 values[key] = coerce(key, value, source)
             elif key in own:
@@ -117,7 +125,9 @@ def parse_args(argv, recipes: dict) -> RunConfig:
                 raise UserError(f"{source}: unknown option '{raw_key}'.{closest(key, list(FIELDS) + list(own))}")
     set_above = {snake(k) for _, layer in layers[2:] for k in layer}
     cfg = RunConfig(**values, extra=extra, strategy_defaults=sorted(set(strategy) - set_above),
-                    learning_rate_search={"requested": "auto"} if auto_rate else None)
+                    learning_rate_search={"requested": "auto"} if auto["learning_rate"] else None,
+                    batch_size_search={name: {"requested": "auto"} for name, key in (("train", "batch_size"),
+                                       ("eval", "eval_batch_size")) if auto[key]} or None)
     cfg.recipe = recipe_name
     if cfg.output_dir is None:
         cfg.output_dir = os.path.join("outputs", recipe_name)
@@ -155,6 +165,7 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.eval_steps is None or cfg.eval_steps >= 1, "--eval-steps must be at least 1")
     need(cfg.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1")
     need(cfg.logging_steps >= 1, "--logging-steps must be at least 1")
+    chosen_trackers(cfg.report_to)  # --report-to: known names, installed libraries, checked before any work
     need(cfg.bootstrap_samples >= 0, f"--bootstrap-samples must not be negative, got {cfg.bootstrap_samples}")
     if cfg.push_to_hub is not None:  # before any training: a typo must not cost a whole run
         from huggingface_hub.errors import HFValidationError

@@ -32,3 +32,23 @@ def say(message: str) -> None:
     """Print once per machine (local rank 0), not once per process: e.g. the files of this machine skipped."""
     if is_local_main_process():
         print(message, flush=True)
+
+
+def on_main(work):
+    """`work()` on the main process; its result, or its UserError, on every process (the others would wait for the
+    main one forever), sent over the process group when there is one."""
+    import torch.distributed as dist
+
+    from pipelines.errors import UserError
+
+    box = [None, None]
+    if is_main_process():
+        try:
+            box[0] = work()
+        except UserError as e:
+            box[1] = str(e)
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    if box[1]:
+        raise UserError(box[1])
+    return box[0]

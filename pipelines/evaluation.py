@@ -88,7 +88,15 @@ class Evaluator:
                 model = load_adapter(model, cfg, on_hub, trained_head=recipe.model_labels is not None)
             encoded = recipe.preprocess(splits, self.processor, cfg)
         self.raw_split = splits[self.split]
-        loader, self.order = evaluation_loop.eval_loader(encoded[self.split], recipe.collator(self.processor, cfg), cfg)
+        collate = recipe.collator(self.processor, cfg)
+        if cfg.batch_size_search:  # --eval-batch-size (or --batch-size) auto: the largest evaluation batch that fits
+            from pipelines import batch_size
+
+            cfg.batch_size_search = {"eval": {"requested": "auto"}}
+            record = batch_size.search(acc, model, recipe, {self.split: encoded[self.split]}, collate, cfg)
+            acc.print(batch_size.describe(record, cfg))
+            batch_size.apply(acc, cfg, record)
+        loader, self.order = evaluation_loop.eval_loader(encoded[self.split], collate, cfg)
         self.model, self.loader = acc.prepare(model), acc.prepare(loader)
 
     def evaluate(self) -> tuple[dict, dict]:

@@ -10,6 +10,7 @@ import shutil
 import textwrap
 
 from pipelines.errors import UserError, closest
+from pipelines.trackers import TRACKERS
 from pipelines.options import FIELDS, STRATEGY_DEFAULTS, TUNING_STRATEGIES, field_type, read_yaml, task_options
 
 # One line of --help per RunConfig field: what it does, its unit or choices. The default comes from the
@@ -48,8 +49,12 @@ HELP = {
     # training
     "num_epochs": "passes over the training data (may be fractional)",
     "max_steps": "stop after N optimizer steps; overrides --num-epochs when set",
-    "batch_size": "training examples per batch, per process",
-    "eval_batch_size": "evaluation examples per batch, per process; null: --batch-size",
+    "batch_size": "training examples per batch, per process; auto: before training, try the recipe's (or --config's) "
+                  "batch on the run's longest examples and, if it runs out of memory, train with its largest divisor "
+                  "that fits, with --gradient-accumulation-steps multiplied by as much, so the effective batch stays "
+                  "the same (e.g. 32 x 1 -> 8 x 4); one device or DDP",
+    "eval_batch_size": "evaluation examples per batch, per process; null: --batch-size; auto: the largest that fits, "
+                       "halving from --config's number or else from 2 x --batch-size (never changes the training batch)",
     "gradient_accumulation_steps": "batches per optimizer step (effective batch = batch size x this x processes)",
     "learning_rate": "peak learning rate of the AdamW optimizer; auto: run the learning-rate range test first "
                      "(as scripts/find_lr.py) and train at its suggestion",
@@ -99,6 +104,9 @@ HELP = {
     "num_beams": "seq2seq: beams for generation at evaluation (1: greedy)",
     "max_new_tokens": "seq2seq: most tokens generated per example at evaluation",
     "logging_steps": "log loss and learning rate every N optimizer steps",
+    "report_to": "experiment trackers that get the options, every log line and the final report, comma-separated: "
+                 + ", ".join(TRACKERS) + "; none: no tracker. TensorBoard writes in OUTPUT_DIR/tensorboard; the others "
+                 "follow their own settings (MLFLOW_TRACKING_URI, WANDB_MODE, TRACKIO_DIR, ...) (default tensorboard)",
     # checkpoints and output
     "output_dir": "folder for the model, checkpoints and reports (default: outputs/RECIPE)",
     "save_checkpoints": "save a checkpoint at every evaluation (needed for --resume and --load-best-at-end)",
@@ -130,7 +138,7 @@ GROUPS = {
                                    "two_stage_learning_rate", "lora_r", "lora_alpha", "lora_dropout",
                                    "lora_target_modules", "use_rslora", "merge_lora"],
     "evaluation": ["eval_steps", "metric_for_best", "early_stopping_patience", "bootstrap_samples", "num_beams",
-                   "max_new_tokens", "logging_steps"],
+                   "max_new_tokens", "logging_steps", "report_to"],
     "output and checkpoints": ["output_dir", "save_checkpoints", "keep_checkpoints", "resume", "load_best_at_end",
                                "overwrite_output_dir"],
     "publishing": ["push_to_hub", "hub_endpoint", "hub_private", "hub_revision", "hub_commit_message", "push_to_git"],
@@ -139,7 +147,7 @@ GROUPS = {
 # Metavars that say more than the type: choices, paths and comma-separated lists.
 _METAVARS = {"recipe": "NAME", "lr_scheduler": "{linear,cosine,constant}", "unfreeze_unit": "{epoch,step}",
              "output_dir": "DIR", "train_file": "FILE", "validation_file": "FILE", "test_file": "FILE",
-             "label_names": "A,B,...", "lora_target_modules": "A,B,...", "label_map": "DATA=NAME,..."}
+             "label_names": "A,B,...", "lora_target_modules": "A,B,...", "report_to": "NAME,...", "label_map": "DATA=NAME,..."}
 _CHOICES = {"tuning": TUNING_STRATEGIES, "mixed_precision": ("no", "fp16", "bf16"), "pooling": ("auto", "cls", "pooler", "mean")}
 
 

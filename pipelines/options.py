@@ -121,6 +121,7 @@ class RunConfig:
     early_stopping_patience: Optional[int] = None
     load_best_at_end: bool = True
     logging_steps: int = 10
+    report_to: Optional[list] = None  # experiment trackers (pipelines/trackers.py); None: tensorboard when installed
     overwrite_output_dir: bool = False
     bootstrap_samples: int = 1000  # for the main metric's 95% interval; 0: none
 
@@ -147,13 +148,15 @@ class RunConfig:
     strategy_defaults: list = field(default_factory=list)
     # Not an option: what `--learning-rate auto` found (pipelines/lr_finder.py choose_learning_rate), for the record.
     learning_rate_search: Optional[dict] = None
+    # Not an option: what `--batch-size auto` / `--eval-batch-size auto` tried and chose (pipelines/batch_size.py).
+    batch_size_search: Optional[dict] = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)
-          if f.name not in ("extra", "strategy_defaults", "learning_rate_search")}
+          if f.name not in ("extra", "strategy_defaults", "learning_rate_search", "batch_size_search")}
 
 
 def value_type(hint) -> type:

@@ -45,9 +45,9 @@ INTERNAL = (STAGING, ".tmp-final", ".old-final", SWAP_JOURNAL, LOCK_NAME)
 RESUMABLE_CHANGES = frozenset({
     "num_epochs", "max_steps", "eval_steps", "logging_steps", "save_checkpoints", "keep_checkpoints",
     "early_stopping_patience", "load_best_at_end", "bootstrap_samples", "num_workers", "eval_batch_size",
-    "output_dir", "resume", "overwrite_output_dir", "merge_lora", "test_file", "test_split",
+    "output_dir", "resume", "overwrite_output_dir", "merge_lora", "test_file", "test_split", "report_to",
     "trust_remote_code", "allow_pickle", "push_to_hub", "hub_endpoint", "hub_private", "hub_revision",
-    "hub_commit_message", "push_to_git"})
+    "hub_commit_message", "push_to_git", "batch_size_search"})  # the search's record: its numbers are compared
 PATH_OPTIONS = ("model", "dataset", "train_file", "validation_file")  # the same file by another path is the same
 
 
@@ -272,6 +272,9 @@ class OutputFolder:
         check_output_dir(self.cfg)
         self._use_work_folder(work_folder(self.cfg, self.out))
         if self.cfg.resume:
+            from pipelines.batch_size import reuse_recorded  # here: publish.py imports this module, and no torch
+
+            reuse_recorded(self.cfg, self.work)  # `--batch-size auto`: the checkpoint's numbers, before the check
             check_resume_matches(self.cfg, self.work, num_processes, main_metric)
 
     def _use_work_folder(self, work: Path) -> None:

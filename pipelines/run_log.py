@@ -1,4 +1,4 @@
-"""The run's log lines: the training loss meter, metrics.jsonl and TensorBoard."""
+"""The run's log lines: the training loss meter, metrics.jsonl and the experiment trackers (--report-to)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import time
 
 import torch
 
+from pipelines import trackers
 from pipelines.batching import padding_share
-from pipelines.config import RunConfig
+from pipelines.config import RunConfig, snapshot
 from pipelines.files import naming
 from pipelines.output_folder import OutputFolder
 
@@ -43,25 +44,25 @@ class LossMeter:
 
 
 class RunLog:
-    """The run's log: metrics.jsonl in the work folder, and TensorBoard when it is installed (main process)."""
+    """The run's log: metrics.jsonl in the work folder, and the trackers of --report-to (main process)."""
 
     def __init__(self, accelerator, folder: OutputFolder):
         self.accelerator, self.folder = accelerator, folder
+        self.failed_trackers: set = set()  # warned about once
 
     def start(self, cfg: RunConfig) -> None:
         acc = self.accelerator
         if acc.is_main_process and acc.log_with:
-            scalars = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))}
-            acc.init_trackers("tensorboard", config=scalars)
+            trackers.start(acc, snapshot(cfg)["config"])  # the options as run_config.json has them: no secrets
 
     def __call__(self, record: dict) -> None:
         acc = self.accelerator
         if acc.is_main_process:
             with naming(self.folder.log_path), open(self.folder.log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
-            if acc.log_with:
+            if acc.trackers:
                 scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
-                acc.log(scalars, step=record["step"])
+                trackers.log_metrics(acc, scalars, record["step"], self.failed_trackers)
 
     def unfreeze_stage(self, plan, step: int, epoch: int, when: str) -> None:
         """Every parameter requires grad under gradual unfreezing (DDP-safe), so the run's trainable count says

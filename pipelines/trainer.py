@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from pipelines import checkpoints, evaluation_loop
+from pipelines import batch_size, checkpoints, evaluation_loop, trackers
 from pipelines.accelerator import make_accelerator
 from pipelines.config import RunConfig, config_hash, snapshot
 from pipelines.distributed import parameter_fingerprints, prepare_engine
@@ -77,9 +77,8 @@ def run_summary(cfg: RunConfig, plan, train_examples: int, state: dict, metric_f
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, recipe, keep_process_group: bool = False):
-        self.cfg = cfg
-        self.keep_process_group = keep_process_group  # see train()
+    def __init__(self, cfg: RunConfig, recipe, keep_process_group: bool = False, on_evaluation=None):
+        self.cfg, self.keep_process_group, self.on_evaluation = cfg, keep_process_group, on_evaluation  # see train()
         self.recipe = recipe.for_run(cfg)  # this run's own task object: the registered one stays unchanged
         self.folder = OutputFolder(cfg)  # the lock, where this run's files go, the end-of-run swap
         self.accelerator = make_accelerator(cfg)
@@ -115,14 +114,14 @@ class Trainer:
             raise UserError(f"--tuning gradual works on one device and with DDP, not with {acc.distributed_type.name}; "
                             "use --tuning last-n or full there")
         prepare_engine(acc, self.plan, cfg)
+        collate = self.recipe.collator(self.processor, cfg)
+        batch_size.settle(acc, self.plan.model, self.recipe, self.encoded, collate, cfg, folder)  # --batch-size auto
         # Only now, with data and model checked, touch the output folder: a bad input leaves it as it was.
         self.run_record = {"config": snapshot(cfg)["config"], "num_processes": acc.num_processes}  # in each checkpoint
         if acc.is_main_process:
             folder.start()
         acc.project_configuration.project_dir = str(folder.work)
         acc.project_configuration.logging_dir = str(folder.work / "tensorboard")
-
-        collate = self.recipe.collator(self.processor, cfg)
         train_loader, optimizer, scheduler, self.total_steps, self.num_epochs = optimization(
             acc, self.plan, self.encoded["train"], collate, cfg)
         acc.print(f"{cfg.recipe} ({cfg.tuning}): {describe_rates(cfg, self.plan)}")  # a staged schedule is known now
@@ -228,6 +227,8 @@ class Trainer:
             state["evals_without_improvement"] += 1
         self.log({"step": state["global_step"], "epoch": epoch, **{f"eval_{k}": v for k, v in metrics.items()}})
         acc.print(f"step {state['global_step']}: {headline_metrics(metrics, self.metric_for_best)}")
+        if self.on_evaluation is not None:  # e.g. a search's pruner, which may end the run by raising
+            self.on_evaluation(state["global_step"], value, metrics)
         if cfg.save_checkpoints:
             if self.plan.mask is not None:
                 state["mask_stage"] = self.plan.mask.stage
@@ -269,14 +270,17 @@ class Trainer:
                                     gathered=final_gathered, raw_split=self.raw_splits[final_split],
                                     processor=self.processor, model=acc.unwrap_model(self.model),
                                     num_processes=acc.num_processes)
+        trackers.log_final(acc, results, state["global_step"])
         self.folder.save_final(acc, self.model, self.processor, results, summary, outputs)
-        end_training(acc, self.keep_process_group)
+        end_training(acc, self.keep_process_group, self.folder.out, state["global_step"])
         if (cfg.push_to_hub or cfg.push_to_git) and acc.is_main_process:
             publish_run(self.folder.out, cfg)
         return summary
 
 
-def end_training(acc, keep_process_group: bool) -> None:
+def end_training(acc, keep_process_group: bool, out, step: int) -> None:
+    """The trackers get the finished folder's reports (`out`), then close."""
+    trackers.log_reports(acc, out, step)
     if keep_process_group:  # more runs follow in this process (scripts/compare.py): close the trackers only
         for tracker in acc.trackers:
             tracker.finish()
@@ -284,12 +288,14 @@ def end_training(acc, keep_process_group: bool) -> None:
         acc.end_training()
 
 
-def train(cfg: RunConfig, recipe, keep_process_group: bool = False) -> dict:
+def train(cfg: RunConfig, recipe, keep_process_group: bool = False, on_evaluation=None) -> dict:
     """One run, start to end. `keep_process_group`: more runs follow in this process (scripts/compare.py), so the
-    end leaves the distributed process group up (a new one in the same process can deadlock on the old one's keys)."""
+    end leaves the distributed process group up (a new one in the same process can deadlock on the old one's keys).
+    `on_evaluation(step, value, metrics)`: called on every process after each validation (value: --metric-for-best's),
+    before its checkpoint; an exception it raises ends the run there (the folder keeps its last good state)."""
     from pipelines import feature_extraction
 
-    trainer = Trainer(cfg, recipe, keep_process_group)
+    trainer = Trainer(cfg, recipe, keep_process_group, on_evaluation)
     try:
         trainer.folder.claim(trainer.accelerator, trainer.recipe.main_metric)
         trainer.setup()
@@ -302,5 +308,8 @@ def train(cfg: RunConfig, recipe, keep_process_group: bool = False) -> dict:
         else:
             trainer.loop()
         return trainer.finish()
+    except BaseException:  # a failed or pruned run: its tracker runs end too (a search's next trial opens new ones)
+        trackers.close_quietly(trainer.accelerator)
+        raise
     finally:  # on errors and Ctrl-C too
         trainer.folder.release()

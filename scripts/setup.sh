@@ -5,17 +5,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian tools: git-lfs (publishing to git remotes), espeak-ng (spoken test clips).
+# Debian tools: git-lfs (publishing to git remotes), espeak-ng (spoken test clips), postgresql (the tests of
+# scripts/search.py workers sharing a PostgreSQL study start a throwaway server; Debian keeps its programs off PATH).
 missing=()
 command -v git-lfs >/dev/null 2>&1 || missing+=(git-lfs)
 command -v espeak-ng >/dev/null 2>&1 || missing+=(espeak-ng)
+command -v pg_ctl >/dev/null 2>&1 || compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing Debian packages: ${missing[*]}" >&2
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null) \
-      || echo "setup: could not install ${missing[*]}; the features that need them will be skipped" >&2
+      || echo "setup: could not install ${missing[*]}; the features and tests that need them will be skipped" >&2
   else
-    echo "setup: ${missing[*]} not found (install them for git publishing and spoken-clip tests)" >&2
+    echo "setup: ${missing[*]} not found (install them for git publishing, spoken-clip and PostgreSQL tests)" >&2
   fi
 fi
 

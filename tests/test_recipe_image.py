@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DATA, run_script
+from conftest import DATA, run_here
+import PIL
 from PIL import Image
 from tiny_models import make_tiny_model
 
@@ -48,7 +49,7 @@ def trained(tiny_vit, tmp_path_factory):
     data = subset(root / "data", {"train": TRAIN_PER_CLASS, "validation": VALIDATION_PER_CLASS})
     (data / "train" / CLASSES[1] / "garbage.png").write_bytes(np.random.default_rng(0).bytes(3000))
     out = root / "out"
-    result = run_script(["--recipe", "image-classification", "--model", tiny_vit, "--dataset", data,
+    result = run_here(["--recipe", "image-classification", "--model", tiny_vit, "--dataset", data,
                          "--output-dir", out, "--max-steps", 39, "--batch-size", 16, "--eval-batch-size", 25,
                          "--learning-rate", 3e-3, "--crop-scale-min", 0.5, "--warmup-steps", 0, "--logging-steps", 3,
                          "--save-checkpoints", "false", "--bootstrap-samples", 0])
@@ -302,8 +303,12 @@ def test_other_modes_go_through_pils_conversion(tmp_path):
         path = tmp_path / f"{mode}.{suffix}"
         rgb.convert(mode).save(path)
         with Image.open(path) as image:
+            try:
+                expected = np.asarray(image.convert("RGB"))
+            except OSError:  # Pillow 12.3 (trackio needs < 13) writes a YCbCr TIFF it cannot read back: no reference
+                assert (mode, suffix) == ("YCbCr", "tif") and PIL.__version__.startswith("12."), (mode, PIL.__version__)
+                continue
             assert image.mode == mode or (mode, suffix) == ("YCbCr", "jpg")
-            expected = np.asarray(image.convert("RGB"))
         assert np.array_equal(decoded(path), expected), (mode, suffix)
 
 
