@@ -17,7 +17,7 @@ import json
 import shutil
 
 import pytest
-from conftest import DATA, read_jsonl, run_script, write_jsonl
+from conftest import DATA, read_jsonl, run_here, write_jsonl
 from tiny_models import make_tiny_model
 
 from pipelines.cli import evaluate_main
@@ -251,7 +251,7 @@ def test_training_label_sets_from_booleans_and_label_map():
 
 def training(world, tmp_path, rows, *extra):
     train = write_jsonl(tmp_path / "train.jsonl", rows)
-    return run_script(["--recipe", "sentiment", "--model", world["model"], "--train-file", train, "--validation-file",
+    return run_here(["--recipe", "sentiment", "--model", world["model"], "--train-file", train, "--validation-file",
                        write_jsonl(tmp_path / "validation.jsonl", rows[:4]), "--output-dir", tmp_path / "out",
                        "--max-steps", 1, "--bootstrap-samples", 0, *extra])
 

@@ -198,14 +198,26 @@ def test_mean_pooling_saves_custom_code_that_reproduces_the_run(setup):
     ("bert", ["--pooling", "cls", "--cache-features", "false"], "--pooling cls applies to cached features"),
     ("bert", ["--head-epochs", 0], "--head-epochs must be at least 1"),
 ])
-def test_options_that_cannot_apply_are_one_line_errors(setup, family, extra, message):
+def test_options_that_cannot_apply_are_one_line_errors(setup, family, extra, message, capsys):
+    """In this process (pipelines.cli.main is scripts/run.py): the error line and the exit status 2."""
+    from accelerate.state import AcceleratorState, GradientState
+    from test_bad_inputs import error_lines, follow_capture
+
+    from pipelines import cli
+
     root = setup[0]
     model = setup[1] if family == "bert" else make_tiny_model(family, root / f"model-{family}",
                                                                task="sequence-classification", num_labels=2)
-    done = run_script([*COMMON, "--model", model, *data_args(root), "--output-dir", root / "out-error", *extra],
-                      env=ENV)
-    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
-    assert "Traceback" not in done.stderr
+    follow_capture()
+    try:
+        code = cli.main([str(a) for a in [*COMMON, "--model", model, *data_args(root), "--output-dir",
+                                          root / "out-error", *extra]])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    stderr = capsys.readouterr().err
+    assert code == 2 and len(error_lines(stderr)) == 1 and message in error_lines(stderr)[0], stderr[-2000:]
+    assert "Traceback" not in stderr
 
 
 def test_two_processes_end_identical_and_match_one(setup, cached_run):

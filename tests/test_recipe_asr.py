@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from conftest import DATA, read_jsonl, run_script, write_jsonl
+from conftest import DATA, read_jsonl, run_here, write_jsonl
 from tiny_models import WHISPER_TINY_EN, make_tiny_model
 
 from pipelines.media import read_audio
@@ -177,7 +177,7 @@ def test_hub_style_parquet_with_encoded_audio_bytes(tiny_w2v, tmp_path):
 
     train, validation = write(SHORT[:4], tmp_path / "train.parquet"), write(SHORT[4:6], tmp_path / "validation.parquet")
     out = tmp_path / "out"
-    result = run_script(["--recipe", "asr", "--model", tiny_w2v, "--train-file", train, "--validation-file", validation,
+    result = run_here(["--recipe", "asr", "--model", tiny_w2v, "--train-file", train, "--validation-file", validation,
                          "--output-dir", out, "--max-steps", 1, "--batch-size", 2, "--warmup-steps", 0,
                          "--save-checkpoints", "false", "--bootstrap-samples", 0])
     assert_ok(result)
@@ -193,7 +193,7 @@ def test_wav2vec2_without_tokenizer_trains_and_its_wer_matches_jiwer(tiny_w2v, t
 
     data = audiofolder(tmp_path / "data", {"train": ROWS, "validation": VALIDATION})
     out = tmp_path / "out"
-    result = run_script(tiny_ctc_args(tiny_w2v, data, out, "--max-steps", 18, "--eval-steps", 6,
+    result = run_here(tiny_ctc_args(tiny_w2v, data, out, "--max-steps", 18, "--eval-steps", 6,
                                       "--learning-rate", 1e-3, "--max-audio-seconds", 6, "--logging-steps", 3))
     assert_ok(result)
     text = output(result)
@@ -264,7 +264,7 @@ def test_vocabulary_comes_from_train_and_an_unseen_character_counts_as_an_error(
     validation = [queen, train[0]]
     data = audiofolder(tmp_path / "data", {"train": train, "validation": validation})
     out = tmp_path / "out"
-    assert_ok(run_script(tiny_ctc_args(tiny_w2v, data, out, "--max-steps", 1)))
+    assert_ok(run_here(tiny_ctc_args(tiny_w2v, data, out, "--max-steps", 1)))
 
     vocab = json.loads((out / "vocab.json").read_text())
     assert "Q" not in vocab and set("".join(r["text"] for r in train)) - {" "} <= vocab.keys()
@@ -291,7 +291,7 @@ def test_corrupt_and_empty_audio_are_reported_by_name_and_skipped(tiny_w2v, tmp_
     write_jsonl(data / "validation" / "metadata.jsonl", val_rows)
 
     out = tmp_path / "out"
-    result = run_script(tiny_ctc_args(tiny_w2v, data, out, "--max-steps", 2, "--learning-rate", 1e-3))
+    result = run_here(tiny_ctc_args(tiny_w2v, data, out, "--max-steps", 2, "--learning-rate", 1e-3))
     assert_ok(result)
     lines = output(result).splitlines()
     for name, why in (("corrupt.wav", "unreadable"), ("empty.wav", "zero-length"), ("missing.wav", "unreadable"),
@@ -303,11 +303,11 @@ def test_corrupt_and_empty_audio_are_reported_by_name_and_skipped(tiny_w2v, tmp_
 
 def test_missing_transcript_column_is_a_one_line_error(tiny_w2v, tmp_path):
     data = audiofolder(tmp_path / "data", {"train": SHORT[:3]}, drop_text=True)
-    result = run_script(tiny_ctc_args(tiny_w2v, data, tmp_path / "out", "--max-steps", 1))
+    result = run_here(tiny_ctc_args(tiny_w2v, data, tmp_path / "out", "--max-steps", 1))
     message = assert_one_line_error(result)
     assert "none of the columns text" in message and "--text-column" in message and "its columns are" in message
 
-    result = run_script(tiny_ctc_args(tiny_w2v, data, tmp_path / "out", "--max-steps", 1, "--text-column", "words"))
+    result = run_here(tiny_ctc_args(tiny_w2v, data, tmp_path / "out", "--max-steps", 1, "--text-column", "words"))
     assert "no column 'words'" in assert_one_line_error(result)
 
 
@@ -315,7 +315,7 @@ def test_a_split_of_only_unreadable_files_is_an_error(tiny_w2v, tmp_path):
     data = audiofolder(tmp_path / "data", {"train": SHORT[:3], "validation": []})
     (data / "validation" / "audio" / "bad.wav").write_bytes(b"not audio at all")
     write_jsonl(data / "validation" / "metadata.jsonl", [{"file_name": "audio/bad.wav", "text": "BAD"}])
-    result = run_script(tiny_ctc_args(tiny_w2v, data, tmp_path / "out", "--max-steps", 1))
+    result = run_here(tiny_ctc_args(tiny_w2v, data, tmp_path / "out", "--max-steps", 1))
     message = assert_one_line_error(result)
     assert "every audio file of the validation split is unreadable" in message and "bad.wav" in message
 
@@ -329,7 +329,7 @@ def test_tiny_whisper_trains_with_lora_loss_falls_and_wer_matches_jiwer(tmp_path
     out = tmp_path / "out"
     # 4 clips in batches of 2: each logged loss (every 2 steps) is the mean over one whole epoch, so the
     # two are comparable (measured: 10.850 then 10.781). One evaluation, at the end.
-    result = run_script(["--recipe", "asr", "--model", model, "--dataset", data, "--output-dir", out,
+    result = run_here(["--recipe", "asr", "--model", model, "--dataset", data, "--output-dir", out,
                          "--tuning", "lora", "--max-steps", 4, "--batch-size", 2, "--eval-batch-size", 2,
                          "--learning-rate", LORA_LR, "--warmup-steps", 0, "--max-new-tokens", 8,
                          "--logging-steps", 2, "--eval-steps", 4, "--seed", 0,
@@ -377,32 +377,40 @@ def test_real_whisper_tiny_en_wer_and_a_short_lora_fine_tune(tmp_path):
     that every hypothesis can be scored by jiwer directly; after: a run."""
     from transformers import WhisperTokenizer
 
-    data = audiofolder(tmp_path / "data", {"train": ROWS, "validation": ROWS})
-    # Two evaluation batches: generation's per-step cost is mostly per batch, not per clip.
-    common = ["--recipe", "asr", "--model", WHISPER_TINY_EN, "--dataset", data, "--eval-batch-size", 19,
+    # Every third clip (13, from every source; the whole set is benchmarks' job, README "speech recognition"): the
+    # encoder always reads a 30-second window, so evaluation costs ~0.2 s a clip before decoding.
+    clips = ROWS[::3]
+    data = audiofolder(tmp_path / "data", {"train": clips, "validation": clips})
+    # One evaluation batch: generation's per-step cost is mostly per batch, not per clip.
+    common = ["--recipe", "asr", "--model", WHISPER_TINY_EN, "--dataset", data, "--eval-batch-size", len(clips),
               "--num-beams", 1, "--max-new-tokens", 100, "--bootstrap-samples", 0]
 
     metrics, gathered = evaluate_here([*common, "--output-dir", tmp_path / "before"])
-    assert metrics["samples"] == len(ROWS)
+    assert metrics["samples"] == len(clips)
     # jiwer on the generated ids decoded by the checkpoint's own tokenizer, against the metadata's
     # transcripts: no code of the recipe between the model's output and the score.
     tokenizer = WhisperTokenizer.from_pretrained(WHISPER_TINY_EN)
     hypotheses = [basic_normalize(tokenizer.decode([int(i) for i in ids if i != -100], skip_special_tokens=True))
                   for ids in gathered["predictions"]]
-    references = [basic_normalize(r["text"]) for r in ROWS]
+    references = [basic_normalize(r["text"]) for r in clips]
     assert jiwer.wer(references, hypotheses) == pytest.approx(metrics["wer"], abs=1e-9)
     assert jiwer.cer(references, hypotheses) == pytest.approx(metrics["cer"], abs=1e-9)
     wer_before = metrics["wer"]
     # Against `text` (upper case, no punctuation), hypotheses and references normalised alike.
-    assert wer_before < 0.12, [(h, r) for h, r in zip(hypotheses, references) if h != r]
+    # Measured: 0.078 on all 37 clips, 0.133 on these 13 (digits such as "1813" against "eighteen thirteen"); a
+    # broken feature extraction or decoding scores near 1.
+    assert wer_before < 0.2, [(h, r) for h, r in zip(hypotheses, references) if h != r]
 
     out = tmp_path / "lora"
-    after = run_script([*common, "--output-dir", out, "--tuning", "lora", "--max-steps", 2, "--batch-size", 2,
+    after = run_here([*common, "--output-dir", out, "--tuning", "lora", "--max-steps", 2, "--batch-size", 2,
                         "--learning-rate", 1e-4, "--warmup-steps", 0, "--logging-steps", 1, "--save-checkpoints", "false"])
     assert_ok(after)
     results = json.loads((out / "eval_results.json").read_text())["validation"]
-    assert results["samples"] == len(ROWS)
-    # Not `<=`: two steps barely move the weights, but greedy decoding flips on tiny changes. Measured:
-    # 46 then 47 word errors of 590 (0.0780 -> 0.0797). The slack, 0.01, is about 6 words.
-    assert results["wer"] <= wer_before + 0.01, (wer_before, results)
+    assert results["samples"] == len(clips)
+    # Not `<=`: two steps barely move the weights, but greedy decoding flips on tiny changes (on all 37 clips,
+    # measured: 46 then 47 word errors of 590). The slack is 3 words.
+    words = sum(len(reference.split()) for reference in references)
+    assert results["wer"] <= wer_before + 3 / words, (wer_before, results, words)
+    print(f"whisper-tiny.en on {len(clips)} clips ({words} words): WER {wer_before:.4f} before, {results['wer']:.4f} "
+          "after 2 LoRA steps")
     assert (out / "adapter_model.safetensors").is_file()

@@ -22,13 +22,12 @@ import re
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_script, write_jsonl
+from conftest import run_here, run_script, write_jsonl
 from safetensors.torch import load_file
 from test_recipe_asr import assert_ok, assert_one_line_error, output
 from tiny_models import make_tiny_model
@@ -147,9 +146,9 @@ def trained(keywords, tiny_w2v, tmp_path_factory):
     data = shutil.copytree(keywords, root / "data")
     (data / "train" / "yes" / "empty.wav").write_bytes(b"")  # a 0-byte clip: skipped, with a line
     out = root / "out"
-    result = run_script(["--recipe", "audio-classification", "--model", tiny_w2v, "--dataset", data,
+    result = run_here(["--recipe", "audio-classification", "--model", tiny_w2v, "--dataset", data,
                          "--output-dir", out, "--max-steps", 16, "--learning-rate", 2e-3, "--logging-steps", 4,
-                         *COMMON[:-2], "--bootstrap-samples", 200], env=ENV)
+                         *COMMON[:-2], "--bootstrap-samples", 200])
     assert_ok(result)
     return data, out, result
 
@@ -212,9 +211,9 @@ def test_card_snippet_runs_on_the_saved_example(trained, tmp_path):
 
 def test_evaluate_model_reproduces_the_test_numbers(trained, tmp_path):
     data, out, _ = trained
-    result = run_script(["--recipe", "audio-classification", "--model", out, "--dataset", data, "--split", "test",
+    result = run_here(["--recipe", "audio-classification", "--model", out, "--dataset", data, "--split", "test",
                          "--output-dir", tmp_path / "report", "--eval-batch-size", 4, "--bootstrap-samples", 0],
-                        script="scripts/evaluate_model.py", env=ENV)
+                        script="scripts/evaluate_model.py")
     assert_ok(result)
     report = json.loads((tmp_path / "report" / "eval_report.json").read_text())
     results = json.loads((out / "eval_results.json").read_text())["test"]
@@ -227,20 +226,24 @@ def test_evaluate_model_reproduces_the_test_numbers(trained, tmp_path):
 
 @pytest.fixture(scope="module")
 def strategy_runs(keywords, tiny_w2v, tmp_path_factory):
-    """Each strategy, 2 steps from a checkpoint that holds the head already (so every tensor has an initial value)."""
+    """Each strategy, 2 steps from a checkpoint that holds the head already (so every tensor has an initial value);
+    in this process, one after another (pipelines.cli.main is scripts/run.py: 8 interpreters cost more than the runs)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from pipelines import cli
+
     root = tmp_path_factory.mktemp("strategies")
     initial = with_head(tiny_w2v, root / "initial")
-
-    def run(strategy):
+    results = {}
+    for strategy in STRATEGIES:
         out = root / strategy
-        env = {**ENV, "HF_DATASETS_CACHE": str(root / f"cache-{strategy}")}
-        return out, run_script(["--recipe", "audio-classification", "--model", initial, "--dataset", keywords,
-                                "--output-dir", out, "--tuning", strategy, *STRATEGIES[strategy], "--max-steps", 2,
-                                "--learning-rate", 1e-2, "--eval-steps", 2, "--load-best-at-end", "false",
-                                *COMMON], env=env)
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = dict(zip(STRATEGIES, pool.map(run, STRATEGIES)))
+        code = cli.main([str(a) for a in ["--recipe", "audio-classification", "--model", initial, "--dataset", keywords,
+                                          "--output-dir", out, "--tuning", strategy, *STRATEGIES[strategy],
+                                          "--max-steps", 2, "--learning-rate", 1e-2, "--eval-steps", 2,
+                                          "--load-best-at-end", "false", *COMMON]])
+        AcceleratorState._reset_state(reset_partial_state=True)  # the next run starts as a new process would
+        GradientState._reset_state()
+        results[strategy] = out, code
     return load_file(initial / "model.safetensors"), results
 
 
@@ -251,8 +254,8 @@ def moved(initial: dict, final: dict, names) -> list:
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_every_strategy_trains_the_head(strategy, strategy_runs):
     initial, results = strategy_runs
-    out, result = results[strategy]
-    assert_ok(result)
+    out, code = results[strategy]
+    assert code == 0, f"--tuning {strategy} failed: see the captured output"
     head = [n for n in initial if n.startswith(HEAD)]
     body = [n for n in initial if not n.startswith(HEAD)]
     frozen_stem = [n for n in body if n.startswith("wav2vec2.feature_extractor.")]
@@ -311,9 +314,9 @@ def test_every_strategys_plan_trains_the_head_of_both_families(family, tiny_w2v,
 def test_whisper_encoder_with_lora_and_a_two_second_window(keywords, tiny_whisper, tmp_path):
     data = metadata_layout(keywords, tmp_path / "meta")
     out = tmp_path / "out"
-    result = run_script(["--recipe", "audio-classification", "--model", tiny_whisper, "--dataset", data,
+    result = run_here(["--recipe", "audio-classification", "--model", tiny_whisper, "--dataset", data,
                          "--label-column", "keyword", "--output-dir", out, "--tuning", "lora", "--max-steps", 4,
-                         "--learning-rate", 1e-2, "--window-seconds", 2, *COMMON], env=ENV)
+                         "--learning-rate", 1e-2, "--window-seconds", 2, *COMMON])
     assert_ok(result)
     config = json.loads((out / "model_config" / "config.json").read_text())
     assert config["architectures"] == ["WhisperForAudioClassification"] and config["max_source_positions"] == 100
@@ -330,8 +333,8 @@ def test_whisper_encoder_with_lora_and_a_two_second_window(keywords, tiny_whispe
 
 
 def test_a_window_longer_than_the_checkpoints_is_an_error(keywords, tiny_whisper, tmp_path):
-    result = run_script(["--recipe", "audio-classification", "--model", tiny_whisper, "--dataset", keywords,
-                         "--output-dir", tmp_path / "out", "--window-seconds", 31], env=ENV)
+    result = run_here(["--recipe", "audio-classification", "--model", tiny_whisper, "--dataset", keywords,
+                         "--output-dir", tmp_path / "out", "--window-seconds", 31])
     assert "--window-seconds must be from 1 to 30" in assert_one_line_error(result)
 
 
@@ -343,8 +346,8 @@ def test_a_split_of_zero_byte_clips_is_an_error(keywords, tiny_w2v, tmp_path):
     for word in WORDS:
         (data / "validation" / word).mkdir(parents=True)
         (data / "validation" / word / "empty.wav").write_bytes(b"")
-    result = run_script(["--recipe", "audio-classification", "--model", tiny_w2v, "--dataset", data,
-                         "--output-dir", tmp_path / "out", *COMMON], env=ENV)
+    result = run_here(["--recipe", "audio-classification", "--model", tiny_w2v, "--dataset", data,
+                         "--output-dir", tmp_path / "out", *COMMON])
     line = assert_one_line_error(result)
     assert "every audio file of the validation split is unreadable or empty" in line and "empty.wav" in line
     assert not (tmp_path / "out").exists()
@@ -353,8 +356,8 @@ def test_a_split_of_zero_byte_clips_is_an_error(keywords, tiny_w2v, tmp_path):
 def test_a_label_outside_the_set_is_an_error(keywords, tiny_w2v, tmp_path):
     data = shutil.copytree(keywords, tmp_path / "data")
     shutil.copytree(data / "validation" / "yes", data / "validation" / "maybe")
-    result = run_script(["--recipe", "audio-classification", "--model", tiny_w2v, "--dataset", data,
-                         "--output-dir", tmp_path / "out", *COMMON], env=ENV)
+    result = run_here(["--recipe", "audio-classification", "--model", tiny_w2v, "--dataset", data,
+                         "--output-dir", tmp_path / "out", *COMMON])
     line = assert_one_line_error(result)
     assert "validation split" in line and "label 'maybe' is outside the label set" in line, line
 

@@ -16,7 +16,7 @@ import json
 
 import pytest
 import torch
-from conftest import read_jsonl, run_script, write_jsonl
+from conftest import read_jsonl, run_here, write_jsonl
 from safetensors.torch import load_file
 from tiny_models import make_tiny_model
 
@@ -50,8 +50,8 @@ def data(tmp_path_factory, shared_data):
 def train(model, data, out, *extra, recipe="mlm"):
     files = ["--train-file", data / "train.txt", "--validation-file", data / "validation.txt"] if recipe == "mlm" else \
         ["--dataset", data / "labelled"]
-    result = run_script(["--recipe", recipe, "--model", model, *files, "--output-dir", out, *COMMON[:10],
-                         *(COMMON[10:] if recipe == "mlm" else []), *extra], env=ENV)
+    result = run_here(["--recipe", recipe, "--model", model, *files, "--output-dir", out, *COMMON[:10],
+                         *(COMMON[10:] if recipe == "mlm" else []), *extra])
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     return result
 
@@ -95,9 +95,9 @@ def test_metrics_equal_a_recomputation_with_the_library_collator(full, data):
 
 def test_evaluate_model_gives_the_runs_numbers(full, data, tmp_path):
     report = tmp_path / "report"
-    result = run_script(["--recipe", "mlm", "--model", full, "--validation-file", data / "validation.txt", "--split",
+    result = run_here(["--recipe", "mlm", "--model", full, "--validation-file", data / "validation.txt", "--split",
                          "validation", "--output-dir", report, "--bootstrap-samples", 50, "--mlm-probability", 0.3,
-                         "--eval-batch-size", 7], script="scripts/evaluate_model.py", env=ENV)
+                         "--eval-batch-size", 7], script="scripts/evaluate_model.py")
     assert result.returncode == 0, result.stderr[-3000:]
     expected = json.loads((full / "eval_results.json").read_text())["validation"]
     metrics = json.loads((report / "eval_report.json").read_text())["metrics"]

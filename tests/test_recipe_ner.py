@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import DATA, read_jsonl, run_script, write_jsonl
+from conftest import read_jsonl, run_here, write_jsonl
 from tiny_models import make_tiny_model
 
 MAX_LENGTH = 64
@@ -104,8 +104,8 @@ def test_trains_and_metrics_equal_seqeval_on_the_saved_model(family, models, dat
     from seqeval.metrics import accuracy_score, classification_report
 
     out = tmp_path / "out"
-    result = run_script(train_args(models[family], out, "--dataset", data["folder"], "--max-steps", 100,
-                                   "--learning-rate", 1e-2), env=ENV)
+    result = run_here(train_args(models[family], out, "--dataset", data["folder"], "--max-steps", 100,
+                                   "--learning-rate", 1e-2))
     assert result.returncode == 0, result.stderr[-3000:]
 
     losses = [r["train_loss"] for r in read_jsonl(out / "metrics.jsonl") if "train_loss" in r]
@@ -173,8 +173,8 @@ def test_conll_files_label_all_tokens_and_the_truncation_warning(models, data, t
     validation_file = write_conll(tmp_path / "dev.txt", validation)  # .txt is read as CoNLL columns too
     short = 12
     out = tmp_path / "out"
-    result = run_script(train_args(models["bert"], out, "--train-file", train_file, "--validation-file", validation_file,
-                                   "--max-length", short, "--max-steps", 4, "--label-all-tokens", "true"), env=ENV)
+    result = run_here(train_args(models["bert"], out, "--train-file", train_file, "--validation-file", validation_file,
+                                   "--max-length", short, "--max-steps", 4, "--label-all-tokens", "true"))
     assert result.returncode == 0, result.stderr[-3000:]
 
     tokenizer = AutoTokenizer.from_pretrained(models["bert"])
@@ -236,12 +236,12 @@ def test_bad_data_is_a_one_line_error(models, data, tmp_path):
     folder = tmp_path / "mismatch"
     write_jsonl(folder / "train.jsonl", rows)
     write_jsonl(folder / "validation.jsonl", data["validation"][:10])
-    result = run_script(train_args(models["bert"], tmp_path / "out1", "--dataset", folder, "--max-steps", 1), env=ENV)
+    result = run_here(train_args(models["bert"], tmp_path / "out1", "--dataset", folder, "--max-steps", 1))
     n = len(rows[3]["tokens"])
     assert_one_line_error(result, "train split, row 4", f"{n} tokens but {n - 1} tags")  # rows counted from 1
 
-    result = run_script(train_args(models["bert"], tmp_path / "out2", "--dataset", data["folder"], "--max-steps", 1,
-                                   "--label-column", "entities"), env=ENV)
+    result = run_here(train_args(models["bert"], tmp_path / "out2", "--dataset", data["folder"], "--max-steps", 1,
+                                   "--label-column", "entities"))
     assert_one_line_error(result, "no column 'entities'", "--label-column", "tokens, ner_tags")
 
 
@@ -251,7 +251,7 @@ def test_a_tag_outside_the_train_label_set_is_named(models, data, tmp_path):
     folder = tmp_path / "unknown-tag"
     write_jsonl(folder / "train.jsonl", data["train"][:30])
     write_jsonl(folder / "validation.jsonl", validation)
-    result = run_script(train_args(models["bert"], tmp_path / "out", "--dataset", folder, "--max-steps", 1), env=ENV)
+    result = run_here(train_args(models["bert"], tmp_path / "out", "--dataset", folder, "--max-steps", 1))
     assert_one_line_error(result, "validation split, row 3", "'B-ANIMAL'", "--label-names")
 
 

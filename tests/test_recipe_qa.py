@@ -19,7 +19,7 @@ import sys
 
 import pytest
 import torch
-from conftest import read_jsonl, run_script, write_jsonl
+from conftest import read_jsonl, run_here, write_jsonl
 from tiny_models import BUILDERS
 
 from pipelines import cli
@@ -202,7 +202,7 @@ def weights(folder):
 @pytest.fixture(scope="module")
 def full_run(bert, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "out"
-    result = run_script(run_args(bert, data, out), env=ENV)
+    result = run_here(run_args(bert, data, out))
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
 
@@ -213,7 +213,7 @@ def test_every_strategy_trains_the_qa_head(bert, data, tmp_path, strategy, reque
     if strategy == "full":  # the run the report test reads too
         out = request.getfixturevalue("full_run")[0]
     else:
-        result = run_script(run_args(bert, data, out, "--tuning", strategy), env=ENV)
+        result = run_here(run_args(bert, data, out, "--tuning", strategy))
         assert result.returncode == 0, result.stderr[-3000:]
     results = read_results(out)
     assert results["samples"] == 20, "questions, not windows"
@@ -249,9 +249,9 @@ def test_report_card_and_evaluate_model(full_run, data, tmp_path):
     assert "SQuAD" in report["normalization"]
 
     evaluated = tmp_path / "eval"
-    done = run_script(["--recipe", "qa", "--model", out, "--dataset", data, "--split", "validation", "--output-dir",
+    done = run_here(["--recipe", "qa", "--model", out, "--dataset", data, "--split", "validation", "--output-dir",
                        evaluated, "--max-length", 96, "--doc-stride", 32, "--bootstrap-samples", 0],
-                      script="scripts/evaluate_model.py", env=ENV)
+                      script="scripts/evaluate_model.py")
     assert done.returncode == 0, done.stderr[-3000:]
     again = json.loads((evaluated / "eval_report.json").read_text())["metrics"]
     for name in ("exact_match", "f1", "has_ans_f1", "no_ans_f1"):
@@ -268,7 +268,7 @@ def test_report_card_and_evaluate_model(full_run, data, tmp_path):
 def test_roberta_trains(data, tmp_path):
     model = make_tiny_qa_model("roberta", tmp_path / "roberta")
     out = tmp_path / "out"
-    result = run_script(run_args(model, data, out, "--bootstrap-samples", 0), env=ENV)
+    result = run_here(run_args(model, data, out, "--bootstrap-samples", 0))
     assert result.returncode == 0, result.stderr[-3000:]
     assert read_results(out)["samples"] == 20
 

@@ -21,7 +21,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import read_jsonl, run_script, write_jsonl
+from conftest import read_jsonl, run_here, write_jsonl
 from safetensors.torch import load_file
 from test_strategies_recipes import ADAPTER_TENSORS, STRATEGIES  # every strategy but full, with its options
 from tiny_models import make_tiny_model
@@ -57,8 +57,8 @@ def data(tmp_path_factory, shared_data):
 
 
 def train(model, dataset, out, *extra):
-    result = run_script(["--recipe", "regression", "--model", model, "--dataset", dataset, "--output-dir", out,
-                         *COMMON, *extra], env=ENV)
+    result = run_here(["--recipe", "regression", "--model", model, "--dataset", dataset, "--output-dir", out,
+                         *COMMON, *extra])
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     return result
 
@@ -175,9 +175,9 @@ def test_evaluate_model_gives_the_runs_numbers(strategy, full, bert, data, tmp_p
         train(bert, dataset, model, "--tuning", "lora", "--max-steps", 10, "--learning-rate", 3e-3,
               "--bootstrap-samples", 0, *extra)
     report = tmp_path / "report"
-    result = run_script(["--recipe", "regression", "--model", model, "--dataset", dataset, "--split", "validation",
+    result = run_here(["--recipe", "regression", "--model", model, "--dataset", dataset, "--split", "validation",
                          "--output-dir", report, "--bootstrap-samples", 50, *extra],
-                        script="scripts/evaluate_model.py", env=ENV)
+                        script="scripts/evaluate_model.py")
     assert result.returncode == 0, result.stderr[-3000:]
     expected = json.loads((model / "eval_results.json").read_text())["validation"]
     metrics = json.loads((report / "eval_report.json").read_text())["metrics"]
@@ -212,8 +212,8 @@ def test_bad_targets_are_one_error_line(bert, data, tmp_path):
         ([tmp_path / "no_target"], "the train split has none of the columns label, score, rating, target, labels"),
     ]
     for args, expected in cases:
-        result = run_script(["--recipe", "regression", "--model", bert, "--dataset", *args, "--output-dir",
-                             tmp_path / "out", "--max-steps", 1], env=ENV)
+        result = run_here(["--recipe", "regression", "--model", bert, "--dataset", *args, "--output-dir",
+                             tmp_path / "out", "--max-steps", 1])
         errors = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.startswith("error:")]
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
         assert len(errors) == 1 and expected in errors[0], errors

@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import read_jsonl, run_script, write_jsonl
+from conftest import read_jsonl, run_here, write_jsonl
 from tiny_models import make_tiny_model
 
 MAX_LENGTH, MAX_TARGET_LENGTH, MAX_NEW_TOKENS = 64, 16, 16
@@ -86,7 +86,7 @@ def test_trains_and_metrics_equal_rouge_score_and_sacrebleu(t5, data, tmp_path):
     from rouge_score import rouge_scorer
 
     out = tmp_path / "out"
-    result = run_script(run_args(t5, out, data["folder"], "--max-steps", 100, "--learning-rate", 1e-2), env=ENV)
+    result = run_here(run_args(t5, out, data["folder"], "--max-steps", 100, "--learning-rate", 1e-2))
     assert result.returncode == 0, result.stderr[-3000:]
 
     losses = [r["train_loss"] for r in read_jsonl(out / "metrics.jsonl") if "train_loss" in r]
@@ -142,8 +142,8 @@ def test_source_prefix_and_columns_are_options(t5, data, tmp_path):
 
 
 def test_a_missing_column_is_a_one_line_error(t5, data, tmp_path):
-    result = run_script(run_args(t5, tmp_path / "out", data["folder"], "--max-steps", 1,
-                                 "--target-column", "headline"), env=ENV)
+    result = run_here(run_args(t5, tmp_path / "out", data["folder"], "--max-steps", 1,
+                                 "--target-column", "headline"))
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import DATA, read_jsonl, run_script, write_jsonl
+from conftest import DATA, read_jsonl, run_here, run_script, write_jsonl
 from hub_server import LocalHub
 from tiny_models import make_tiny_model
 
@@ -440,11 +440,11 @@ def test_evaluate_script_hub_unreachable_and_pickle_adapters(lora_run, setup, tm
     shutil.copytree(lora_run, pickled)
     torch.save(load_file(pickled / "adapter_model.safetensors"), pickled / "adapter_model.bin")
     (pickled / "adapter_model.safetensors").unlink()
-    done = run_script([*args, "--model", pickled, "--output-dir", tmp_path / "e2"], script="scripts/evaluate_model.py")
+    done = run_here([*args, "--model", pickled, "--output-dir", tmp_path / "e2"], script="scripts/evaluate_model.py")
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "adapter_model.bin" in errors[0] and "--allow-pickle" in errors[0], done.stderr
-    done = run_script([*args, "--model", pickled, "--output-dir", tmp_path / "e3", "--allow-pickle"],
+    done = run_here([*args, "--model", pickled, "--output-dir", tmp_path / "e3", "--allow-pickle"],
                       script="scripts/evaluate_model.py")
     assert done.returncode == 0, done.stderr[-3000:]
     trained = json.loads((lora_run / "eval_results.json").read_text())["validation"]
@@ -456,7 +456,7 @@ def test_evaluate_script_errors_are_one_line(full_run, setup, tmp_path):
     for args, expected in [(["--output-dir", full_run], "is the model folder"),
                            (["--output-dir", tmp_path / "x", "--split", "test"], "no test split"),
                            ([], "--output-dir is required")]:
-        done = run_script([*COMMON, "--model", full_run, "--dataset", root / "data", *args],
+        done = run_here([*COMMON, "--model", full_run, "--dataset", root / "data", *args],
                           script="scripts/evaluate_model.py")
         assert done.returncode == 2, done.stderr[-2000:]
         assert "Traceback" not in done.stderr and expected in done.stderr
@@ -490,7 +490,7 @@ def test_bad_repo_id_or_bootstrap_option_fails_before_training(setup, tmp_path):
                            (["--hub-revision", "a..b"], "--hub-revision must be a branch name"),
                            (["--push-to-git", "https://me:hf_x@example.com/m.git"], "--push-to-git contains credentials")]:
         out = tmp_path / "never"
-        done = run_script([*COMMON, "--model", base, "--dataset", root / "data", "--output-dir", out, *args])
+        done = run_here([*COMMON, "--model", base, "--dataset", root / "data", "--output-dir", out, *args])
         assert done.returncode == 2 and expected in done.stderr, done.stderr[-2000:]
         assert len([line for line in done.stderr.splitlines() if line.strip()]) == 1
         assert not out.exists()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DATA, read_jsonl, run_script, write_jsonl
+from conftest import DATA, read_jsonl, run_here, write_jsonl
 from tiny_models import make_tiny_model
 
 
@@ -28,7 +28,7 @@ def setup(tmp_path_factory):
 def train(setup, name, *extra, model=None):
     root, model = setup[0], model or setup[1]
     out = root / f"out-{name}"
-    result = run_script([
+    result = run_here([
         "--recipe", "sentiment", "--model", model, "--train-file", root / "train.jsonl",
         "--validation-file", root / "validation.jsonl", "--output-dir", out,
         "--batch-size", 16, "--max-steps", 15, "--learning-rate", 5e-3, "--warmup-steps", 0,

@@ -20,18 +20,16 @@ run has one OpenMP thread, so two run at once on a 2-core machine.
 
 import json
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, read_jsonl, run_script, write_jsonl
+from conftest import DATA, read_jsonl, run_here, write_jsonl
 from safetensors.torch import load_file
 from tiny_models import make_tiny_model
 
 SPEECH, FASHION = DATA / "speech", DATA / "fashion_mnist"
 # One thread per process: two OpenMP threads on a busy 2-core machine spin-wait over tiny matmuls.
-ENV = {"OMP_NUM_THREADS": "1"}
 COMMON = ["--max-steps", 2, "--batch-size", 4, "--eval-batch-size", 4, "--learning-rate", 1e-3, "--warmup-steps", 0,
           "--eval-steps", 2, "--logging-steps", 1, "--seed", 0, "--save-checkpoints", "false",
           "--load-best-at-end", "false", "--bootstrap-samples", 0]
@@ -103,14 +101,14 @@ NEEDS = {"ner": DATA / "conll2003", "summarization": DATA / "xsum", "asr": SPEEC
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory):
-    """Per recipe, built once: a tiny model and data, and the runs of every strategy on them, two at a time."""
+    """Per recipe, built once: a tiny model and data, and the runs of every strategy on them, one after another in
+    this process (pipelines.cli.main, what scripts/run.py calls: an interpreter's start costs more than a run)."""
     done = {}
 
     def run(recipe, root, args, strategy):
         out = root / f"out-{strategy}"
-        env = {**ENV, "HF_DATASETS_CACHE": str(root / f"cache-{strategy}")}  # no shared cache lock between the two
-        return out, run_script(["--recipe", recipe, *args, "--output-dir", out, "--tuning", strategy,
-                                *STRATEGIES[strategy], *COMMON], env=env)
+        return out, run_here(["--recipe", recipe, *args, "--output-dir", out, "--tuning", strategy,
+                              *STRATEGIES[strategy], *COMMON])
 
     def get(recipe):
         if not NEEDS[recipe].exists():
@@ -118,9 +116,7 @@ def runs(tmp_path_factory):
         if recipe not in done:
             root = tmp_path_factory.mktemp(f"strategies-{recipe}")
             args = CASES[recipe](root)
-            with ThreadPoolExecutor(max_workers=2) as pool:
-                futures = {s: pool.submit(run, recipe, root, args, s) for s in STRATEGIES}
-            done[recipe] = (args, {s: f.result() for s, f in futures.items()})
+            done[recipe] = (args, {s: run(recipe, root, args, s) for s in STRATEGIES})
         return done[recipe]
 
     return get

@@ -7,7 +7,7 @@ import json
 import pytest
 
 import recipes  # noqa: F401  (registers the recipes)
-from conftest import DATA, read_jsonl, run_script, write_jsonl
+from conftest import DATA, read_jsonl, run_here, run_script, write_jsonl
 from pipelines.config import parse_args
 from pipelines.options import STRATEGY_DEFAULTS, TUNING_STRATEGIES
 from pipelines.registry import registered
@@ -120,7 +120,7 @@ def test_the_log_line_and_the_card_state_the_strategys_rates(tmp_path):
 
 
 def test_help_states_each_strategys_defaults():
-    result = run_script(["--recipe", "sentiment", "--help"])
+    result = run_here(["--recipe", "sentiment", "--help"])
     text = " ".join(result.stdout.split())
     assert result.returncode == 0 and "lora learning-rate 0.001" in text and "full the recipe's" in text
     assert "< the --tuning strategy's defaults <" in text
