@@ -6,7 +6,7 @@ import json
 import re
 
 import pytest
-from conftest import DATA, read_jsonl, run_script, write_jsonl
+from conftest import DATA, read_jsonl, run_here, run_script, write_jsonl
 from tiny_models import make_tiny_model
 
 from pipelines.config import parse_args
@@ -210,9 +210,8 @@ def done_line(result) -> str:
 
 def test_ner_done_line_has_the_headline_metric_interval_and_report_path(ner_world, tmp_path):
     out = tmp_path / "out"
-    result = run_script(["--recipe", "ner", "--model", ner_world["model"], "--dataset", ner_world["data"],
-                         "--output-dir", out, "--max-steps", 1, "--save-checkpoints", "false",
-                         "--bootstrap-samples", 100], env=ENV, timeout=300)
+    result = run_here(["--recipe", "ner", "--model", ner_world["model"], "--dataset", ner_world["data"],
+                       "--output-dir", out, "--max-steps", 1, "--save-checkpoints", "false", "--bootstrap-samples", 100])
     line = done_line(result)
     report = json.loads((out / "eval_report.json").read_text())
     interval = report["confidence_interval"]
@@ -230,9 +229,9 @@ def test_sentiment_done_line_has_its_main_metric_and_says_why_there_is_no_interv
     rows = read_jsonl(DATA / "sst2" / "train.jsonl", 60)
     train, validation = write_jsonl(tmp_path / "train.jsonl", rows[:40]), write_jsonl(tmp_path / "val.jsonl", rows[40:])
     out = tmp_path / "out"
-    result = run_script(["--recipe", "sentiment", "--model", model, "--train-file", train, "--validation-file",
-                         validation, "--output-dir", out, "--max-steps", 1, "--save-checkpoints", "false",
-                         "--bootstrap-samples", 0], env=ENV, timeout=300)
+    result = run_here(["--recipe", "sentiment", "--model", model, "--train-file", train, "--validation-file",
+                       validation, "--output-dir", out, "--max-steps", 1, "--save-checkpoints", "false",
+                       "--bootstrap-samples", 0])
     line = done_line(result)
     report = json.loads((out / "eval_report.json").read_text())
     main = RECIPES["sentiment"].main_metric

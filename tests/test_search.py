@@ -258,6 +258,7 @@ while len(list(ready.iterdir())) < 2:  # both start taking trials at the same mo
 numbers = []
 while (trial := take_trial(study, lambda number: optuna.samplers.RandomSampler(), 10.0)) is not None:
     numbers.append(trial.number)
+    time.sleep(0.02)  # a worker trains between takes: without a pause one process can hold SQLite's lock throughout
 print(" ".join(map(str, numbers)))
 """
 
